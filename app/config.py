@@ -1,0 +1,161 @@
+"""Settings read once from an environment mapping (injected, never `os.environ` directly)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from app.errors import ConfigError
+
+DEFAULT_COMMAND = "fondation analyze {repo_dir} --output-dir {output_dir} --profile production"
+SIMULATOR_COMMAND = (
+    "fondation-simulator analyze {repo_dir} --output-dir {output_dir} --profile production"
+)
+DEDUPE_MIN_S = 72 * 3600
+DEFAULT_GIT_HOSTS: tuple[str, ...] = ("github.com", "gitlab.com", "bitbucket.org")
+
+# Names the CLI may inherit from the worker's environment. Everything else is withheld;
+# DENIED_ENV wins over both this list and CLI_ENV_PASSTHROUGH.
+DEFAULT_CLI_ENV = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_MODEL",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+)
+DENIED_ENV_PREFIXES = ("SCW_", "WEBHOOK_", "CONVEX_", "COCKPIT_", "OTEL_EXPORTER_")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the worker reads from its environment, with the contract's defaults."""
+
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    webhook_tolerance_s: int = 300
+    max_body_bytes: int = 65536
+    max_concurrent_jobs: int = 2
+    allowed_git_hosts: tuple[str, ...] = DEFAULT_GIT_HOSTS
+    allow_insecure_git: bool = False
+    allow_private_networks: bool = False
+    dedupe_ttl_s: int = DEDUPE_MIN_S
+    data_dir: Path = Path("var")
+    work_dir: Path = Path("var/work")
+    convex_url: str | None = None
+    fondation_command: str = DEFAULT_COMMAND
+    job_timeout_s: float = 3600.0
+    heartbeat_s: float = 15.0
+    progress_min_interval_s: float = 1.0
+    shutdown_grace_s: float = 20.0
+    clone_timeout_s: float = 600.0
+    clone_max_bytes: int = 2 * 1024**3
+    max_doc_bytes: int = 800_000
+    retry_after_s: int = 5
+    worker_id: str = "worker"
+    host: str = "0.0.0.0"  # noqa: S104 - a container must listen on all interfaces
+    port: int = 8080
+    log_level: str = "INFO"
+    cli_env_passthrough: tuple[str, ...] = ()
+    log_tail_lines: int = 40
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Convex deployment is configured: jobs live in the local SQLite store."""
+        return self.convex_url is None
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret the worker holds, for redaction checks."""
+        return self.webhook_secrets
+
+
+def _get(
+    env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]
+) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return parse(raw.strip())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(name, f"cannot parse {raw!r}: {exc}") from None
+
+
+def _bool(raw: str) -> bool:
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _positive(parse: Callable[[str], T]) -> Callable[[str], T]:
+    def inner(raw: str) -> T:
+        value = parse(raw)
+        if value <= 0:  # type: ignore[operator]
+            raise ValueError("must be positive")
+        return value
+
+    return inner
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build `Settings` from an environment mapping; raises `ConfigError` on a bad value."""
+    data_dir = _get(env, "DATA_DIR", Path("var"), Path)
+    secrets: tuple[str, ...] = _get(env, "WEBHOOK_SECRETS", (), _csv)
+    for secret in secrets:
+        if not secret.startswith("whsec_"):
+            raise ConfigError("WEBHOOK_SECRETS", "each secret must start with 'whsec_'")
+    convex_url = _get(env, "CONVEX_URL", None, lambda s: s.rstrip("/"))
+    if convex_url is not None and not convex_url.startswith(("https://", "http://")):
+        raise ConfigError("CONVEX_URL", "must be an http(s) URL")
+    settings = Settings(
+        webhook_secrets=secrets,
+        webhook_tolerance_s=_get(env, "WEBHOOK_TOLERANCE_S", 300, _positive(int)),
+        max_body_bytes=_get(env, "MAX_BODY_BYTES", 65536, _positive(int)),
+        max_concurrent_jobs=_get(env, "MAX_CONCURRENT_JOBS", 2, _positive(int)),
+        allowed_git_hosts=tuple(
+            h.lower() for h in _get(env, "ALLOWED_GIT_HOSTS", DEFAULT_GIT_HOSTS, _csv)
+        ),
+        allow_insecure_git=_get(env, "ALLOW_INSECURE_GIT", False, _bool),
+        allow_private_networks=_get(env, "ALLOW_PRIVATE_NETWORKS", False, _bool),
+        dedupe_ttl_s=max(DEDUPE_MIN_S, _get(env, "DEDUPE_TTL_S", DEDUPE_MIN_S, _positive(int))),
+        data_dir=data_dir,
+        work_dir=_get(env, "WORK_DIR", data_dir / "work", Path),
+        convex_url=convex_url,
+        fondation_command=_get(env, "FONDATION_COMMAND", DEFAULT_COMMAND, str),
+        job_timeout_s=_get(env, "JOB_TIMEOUT_S", 3600.0, _positive(float)),
+        heartbeat_s=_get(env, "HEARTBEAT_S", 15.0, _positive(float)),
+        progress_min_interval_s=_get(env, "PROGRESS_MIN_INTERVAL_S", 1.0, _positive(float)),
+        shutdown_grace_s=_get(env, "SHUTDOWN_GRACE_S", 20.0, _positive(float)),
+        clone_timeout_s=_get(env, "CLONE_TIMEOUT_S", 600.0, _positive(float)),
+        clone_max_bytes=_get(env, "CLONE_MAX_BYTES", 2 * 1024**3, _positive(int)),
+        max_doc_bytes=_get(env, "MAX_DOC_BYTES", 800_000, _positive(int)),
+        retry_after_s=_get(env, "RETRY_AFTER_S", 5, _positive(int)),
+        worker_id=_get(env, "WORKER_ID", socket.gethostname(), str),
+        host=_get(env, "HOST", "0.0.0.0", str),  # noqa: S104
+        port=_get(env, "PORT", 8080, _positive(int)),
+        log_level=_get(env, "LOG_LEVEL", "INFO", str.upper),
+        cli_env_passthrough=_get(env, "CLI_ENV_PASSTHROUGH", (), _csv),
+    )
+    return settings
