@@ -1,0 +1,614 @@
+"""The embedded job store: SQLite under DATA_DIR.
+
+It always keeps the webhook deliveries (deduplication for at least 72 h) and a local view of
+each job and its events; without `CONVEX_URL` it is also the store the runner reports to.
+Writes are short and happen on the event loop's thread, so the dedupe-then-reserve step of the
+webhook handler is atomic within a process; across processes the unique keys decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.clock import Clock
+from app.domain import (
+    CallbackAck,
+    CancelRequest,
+    ClaimResult,
+    Doc,
+    Failure,
+    FailureCode,
+    JobSpec,
+    JobStatus,
+    Progress,
+)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+  webhook_id TEXT PRIMARY KEY,
+  fingerprint TEXT NOT NULL,
+  type TEXT NOT NULL,
+  job_id TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_created ON deliveries(created_at);
+CREATE TABLE IF NOT EXISTS jobs (
+  job_id TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  status TEXT NOT NULL,
+  repository_url TEXT NOT NULL,
+  ref TEXT,
+  options TEXT NOT NULL,
+  priority INTEGER NOT NULL,
+  accepted_by TEXT NOT NULL,
+  claimed_by TEXT,
+  seq INTEGER NOT NULL DEFAULT 0,
+  current_step INTEGER NOT NULL DEFAULT 0,
+  total_steps INTEGER NOT NULL DEFAULT 0,
+  message TEXT NOT NULL DEFAULT '',
+  docs_count INTEGER NOT NULL DEFAULT 0,
+  error_code TEXT,
+  error_message TEXT,
+  retryable INTEGER,
+  duration_ms INTEGER,
+  created_at REAL NOT NULL,
+  updated_at REAL NOT NULL,
+  PRIMARY KEY (job_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE TABLE IF NOT EXISTS docs (
+  job_id TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  slug TEXT NOT NULL,
+  position INTEGER NOT NULL,
+  title TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  chapter_index INTEGER,
+  content TEXT NOT NULL,
+  PRIMARY KEY (job_id, attempt, slug)
+);
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  job_id TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  type TEXT NOT NULL,
+  data TEXT NOT NULL,
+  at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
+"""
+_ACTIVE = (
+    JobStatus.ACCEPTED,
+    JobStatus.CLAIMED,
+    JobStatus.CLONING,
+    JobStatus.ANALYZING,
+    JobStatus.GATHERING,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A webhook delivery already seen."""
+
+    webhook_id: str
+    fingerprint: str
+    type: str
+    job_id: str
+    attempt: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """The local view of one job attempt, as `GET /v1/jobs/{jobId}` shows it."""
+
+    job_id: str
+    attempt: int
+    status: JobStatus
+    repository_url: str
+    ref: str | None
+    priority: int
+    current_step: int
+    total_steps: int
+    message: str
+    docs_count: int
+    error_code: str | None
+    error_message: str | None
+    retryable: bool | None
+    duration_ms: int | None
+    worker_id: str | None
+    created_at: float
+    updated_at: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        error = None
+        if self.error_code is not None:
+            error = {
+                "code": self.error_code,
+                "message": self.error_message,
+                "retryable": self.retryable,
+            }
+        return {
+            "jobId": self.job_id,
+            "attempt": self.attempt,
+            "status": str(self.status),
+            "repository": {"url": self.repository_url, "ref": self.ref},
+            "options": self.options,
+            "priority": self.priority,
+            "currentStep": self.current_step,
+            "totalSteps": self.total_steps,
+            "message": self.message,
+            "docsCount": self.docs_count,
+            "error": error,
+            "durationMs": self.duration_ms,
+            "workerId": self.worker_id,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One change of a job, as the event stream sends it."""
+
+    id: int
+    job_id: str
+    attempt: int
+    type: str
+    data: dict[str, Any]
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "jobId": self.job_id,
+            "attempt": self.attempt,
+            "type": self.type,
+            "at": self.at,
+            **self.data,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    """Outcome of recording a delivery: `existing` is set when the id was seen before."""
+
+    recorded: bool
+    existing: Delivery | None = None
+
+
+class ChangeFeed:
+    """Wakes event-stream readers when the store changes (within this process)."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def notify(self) -> None:
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Return on the next change, or after `timeout_s` (to catch other processes)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(fut)
+
+
+def _row_to_view(row: sqlite3.Row) -> JobView:
+    return JobView(
+        job_id=row["job_id"],
+        attempt=row["attempt"],
+        status=JobStatus(row["status"]),
+        repository_url=row["repository_url"],
+        ref=row["ref"],
+        priority=row["priority"],
+        current_step=row["current_step"],
+        total_steps=row["total_steps"],
+        message=row["message"],
+        docs_count=row["docs_count"],
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        retryable=None if row["retryable"] is None else bool(row["retryable"]),
+        duration_ms=row["duration_ms"],
+        worker_id=row["claimed_by"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        options=json.loads(row["options"]),
+    )
+
+
+class SqliteJobStore:
+    """Deliveries, jobs, docs and events in one SQLite file; also a `JobReporter`."""
+
+    def __init__(self, path: Path, *, clock: Clock, worker_id: str, dedupe_ttl_s: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._clock = clock
+        self._worker_id = worker_id
+        self._dedupe_ttl_s = dedupe_ttl_s
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.feed = ChangeFeed()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        self.feed.notify()
+
+    def _event(
+        self, db: sqlite3.Connection, job_id: str, attempt: int, kind: str, data: dict[str, Any]
+    ) -> None:
+        db.execute(
+            "INSERT INTO events(job_id, attempt, type, data, at) VALUES (?,?,?,?,?)",
+            (job_id, attempt, kind, json.dumps(data), self._clock.now()),
+        )
+
+    # -- deliveries ---------------------------------------------------------------------
+
+    def lookup_delivery(self, webhook_id: str) -> Delivery | None:
+        """The delivery with this id if seen within the dedupe window."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM deliveries WHERE webhook_id = ? AND created_at >= ?",
+                (webhook_id, self._clock.now() - self._dedupe_ttl_s),
+            ).fetchone()
+        return None if row is None else Delivery(**dict(row))
+
+    def record_start(self, webhook_id: str, fingerprint: str, spec: JobSpec) -> RecordResult:
+        """Record a `job.start` delivery and its job; a concurrent twin gets `existing`."""
+        now = self._clock.now()
+        with self._tx() as db:
+            inserted = self._insert_delivery(db, webhook_id, fingerprint, "job.start", spec, now)
+            if not inserted:
+                return RecordResult(False, self._delivery(db, webhook_id))
+            db.execute(
+                """INSERT INTO jobs(job_id, attempt, status, repository_url, ref, options,
+                   priority, accepted_by, created_at, updated_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT(job_id, attempt) DO NOTHING""",
+                (
+                    spec.job_id,
+                    spec.attempt,
+                    JobStatus.ACCEPTED,
+                    spec.repository.url,
+                    spec.repository.ref,
+                    json.dumps(spec.options.to_json()),
+                    spec.priority,
+                    self._worker_id,
+                    now,
+                    now,
+                ),
+            )
+            self._event(db, spec.job_id, spec.attempt, "status", {"status": "accepted"})
+        return RecordResult(True)
+
+    def record_cancel(self, webhook_id: str, fingerprint: str, req: CancelRequest) -> RecordResult:
+        """Record a `job.cancel` delivery."""
+        now = self._clock.now()
+        with self._tx() as db:
+            if not self._insert_delivery(db, webhook_id, fingerprint, "job.cancel", req, now):
+                return RecordResult(False, self._delivery(db, webhook_id))
+            self._event(db, req.job_id, req.attempt, "cancel_requested", {})
+        return RecordResult(True)
+
+    def _insert_delivery(
+        self,
+        db: sqlite3.Connection,
+        webhook_id: str,
+        fingerprint: str,
+        kind: str,
+        event: JobSpec | CancelRequest,
+        now: float,
+    ) -> bool:
+        # An expired delivery may be replaced: the window is a minimum, not a maximum.
+        db.execute(
+            "DELETE FROM deliveries WHERE webhook_id = ? AND created_at < ?",
+            (webhook_id, now - self._dedupe_ttl_s),
+        )
+        cur = db.execute(
+            """INSERT INTO deliveries(webhook_id, fingerprint, type, job_id, attempt, created_at)
+               VALUES (?,?,?,?,?,?) ON CONFLICT(webhook_id) DO NOTHING""",
+            (webhook_id, fingerprint, kind, event.job_id, event.attempt, now),
+        )
+        return cur.rowcount == 1
+
+    def _delivery(self, db: sqlite3.Connection, webhook_id: str) -> Delivery | None:
+        row = db.execute("SELECT * FROM deliveries WHERE webhook_id = ?", (webhook_id,)).fetchone()
+        return None if row is None else Delivery(**dict(row))
+
+    def prune(self) -> int:
+        """Forget deliveries older than the dedupe window; returns how many."""
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM deliveries WHERE created_at < ?",
+                (self._clock.now() - self._dedupe_ttl_s,),
+            )
+            return cur.rowcount
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get_job(self, job_id: str, attempt: int | None = None) -> JobView | None:
+        """The job's latest attempt (or the given one)."""
+        with self._lock:
+            if attempt is None:
+                row = self._db.execute(
+                    "SELECT * FROM jobs WHERE job_id = ? ORDER BY attempt DESC LIMIT 1",
+                    (job_id,),
+                ).fetchone()
+            else:
+                row = self._db.execute(
+                    "SELECT * FROM jobs WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+                ).fetchone()
+        return None if row is None else _row_to_view(row)
+
+    def list_jobs(self, *, limit: int = 50, status: JobStatus | None = None) -> list[JobView]:
+        """Most recent first."""
+        query = "SELECT * FROM jobs"
+        args: list[Any] = []
+        if status is not None:
+            query += " WHERE status = ?"
+            args.append(str(status))
+        query += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [_row_to_view(r) for r in rows]
+
+    def list_docs(self, job_id: str, attempt: int) -> list[Doc]:
+        from app.domain import DocKind
+
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM docs WHERE job_id = ? AND attempt = ? ORDER BY position",
+                (job_id, attempt),
+            ).fetchall()
+        return [
+            Doc(
+                slug=r["slug"],
+                title=r["title"],
+                kind=DocKind(r["kind"]),
+                chapter_index=r["chapter_index"],
+                content=r["content"],
+            )
+            for r in rows
+        ]
+
+    def events_since(self, job_id: str, after_id: int, limit: int = 200) -> list[JobEvent]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (job_id, after_id, limit),
+            ).fetchall()
+        return [
+            JobEvent(
+                id=r["id"],
+                job_id=r["job_id"],
+                attempt=r["attempt"],
+                type=r["type"],
+                data=json.loads(r["data"]),
+                at=r["at"],
+            )
+            for r in rows
+        ]
+
+    def interrupt_orphans(self) -> list[JobView]:
+        """Mark this worker's unfinished jobs from an earlier process as failed/interrupted:
+        in embedded mode nobody else would ever finish them."""
+        placeholders = ",".join("?" for _ in _ACTIVE)
+        now = self._clock.now()
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({placeholders}) "  # noqa: S608
+                "AND coalesce(claimed_by, accepted_by) = ?",
+                (*_ACTIVE, self._worker_id),
+            ).fetchall()
+            for r in rows:
+                db.execute(
+                    """UPDATE jobs SET status = ?, error_code = ?, error_message = ?,
+                       retryable = 1, updated_at = ? WHERE job_id = ? AND attempt = ?""",
+                    (
+                        JobStatus.FAILED,
+                        FailureCode.INTERRUPTED,
+                        "the worker stopped before the job finished",
+                        now,
+                        r["job_id"],
+                        r["attempt"],
+                    ),
+                )
+                self._event(
+                    db,
+                    r["job_id"],
+                    r["attempt"],
+                    "status",
+                    {"status": "failed", "code": "interrupted", "retryable": True},
+                )
+        return [_row_to_view(r) for r in rows]
+
+    # -- JobReporter (embedded mode) ----------------------------------------------------
+
+    def _status(self, db: sqlite3.Connection, spec: JobSpec) -> tuple[str, str | None] | None:
+        row = db.execute(
+            "SELECT status, claimed_by FROM jobs WHERE job_id = ? AND attempt = ?",
+            (spec.job_id, spec.attempt),
+        ).fetchone()
+        return None if row is None else (row["status"], row["claimed_by"])
+
+    async def claim(self, spec: JobSpec) -> ClaimResult:
+        now = self._clock.now()
+        with self._tx() as db:
+            state = self._status(db, spec)
+            if state is None:
+                return ClaimResult(ok=False, reason="unknown_job")
+            status, owner = state
+            if JobStatus(status).is_final:
+                return ClaimResult(ok=False, reason="final")
+            if owner is not None and owner != self._worker_id:
+                return ClaimResult(ok=False, reason="already_claimed")
+            db.execute(
+                """UPDATE jobs SET status = ?, claimed_by = ?, updated_at = ?
+                   WHERE job_id = ? AND attempt = ?""",
+                (JobStatus.CLAIMED, self._worker_id, now, spec.job_id, spec.attempt),
+            )
+            self._event(
+                db,
+                spec.job_id,
+                spec.attempt,
+                "status",
+                {"status": "claimed", "workerId": self._worker_id},
+            )
+        return ClaimResult(ok=True)
+
+    async def progress(self, spec: JobSpec, update: Progress) -> CallbackAck:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT status, seq FROM jobs WHERE job_id = ? AND attempt = ?",
+                (spec.job_id, spec.attempt),
+            ).fetchone()
+            if row is None:
+                return CallbackAck(stop=True, reason="unknown_job")
+            if JobStatus(row["status"]).is_final:
+                return CallbackAck(stop=True, reason="final")
+            if update.seq <= row["seq"]:
+                return CallbackAck()  # stale: ignored, as Convex does
+            db.execute(
+                """UPDATE jobs SET status = ?, seq = ?, current_step = ?, total_steps = ?,
+                   message = ?, updated_at = ? WHERE job_id = ? AND attempt = ?""",
+                (
+                    update.status,
+                    update.seq,
+                    update.current_step,
+                    update.total_steps,
+                    update.message,
+                    self._clock.now(),
+                    spec.job_id,
+                    spec.attempt,
+                ),
+            )
+            self._event(
+                db,
+                spec.job_id,
+                spec.attempt,
+                "progress",
+                {
+                    "seq": update.seq,
+                    "status": str(update.status),
+                    "currentStep": update.current_step,
+                    "totalSteps": update.total_steps,
+                    "message": update.message,
+                    "logs": list(update.logs),
+                },
+            )
+        return CallbackAck()
+
+    async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
+        with self._tx() as db:
+            base = db.execute(
+                "SELECT count(*) FROM docs WHERE job_id = ? AND attempt = ?",
+                (spec.job_id, spec.attempt),
+            ).fetchone()[0]
+            for i, doc in enumerate(docs):
+                db.execute(
+                    """INSERT INTO docs(job_id, attempt, slug, position, title, kind,
+                       chapter_index, content) VALUES (?,?,?,?,?,?,?,?)
+                       ON CONFLICT(job_id, attempt, slug) DO UPDATE SET title = excluded.title,
+                       kind = excluded.kind, chapter_index = excluded.chapter_index,
+                       content = excluded.content""",
+                    (
+                        spec.job_id,
+                        spec.attempt,
+                        doc.slug,
+                        base + i,
+                        doc.title,
+                        doc.kind,
+                        doc.chapter_index,
+                        doc.content,
+                    ),
+                )
+        return CallbackAck()
+
+    async def complete(self, spec: JobSpec, docs_count: int, duration_ms: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                """UPDATE jobs SET status = ?, docs_count = ?, duration_ms = ?, message = ?,
+                   updated_at = ? WHERE job_id = ? AND attempt = ?""",
+                (
+                    JobStatus.COMPLETED,
+                    docs_count,
+                    duration_ms,
+                    "completed",
+                    self._clock.now(),
+                    spec.job_id,
+                    spec.attempt,
+                ),
+            )
+            self._event(
+                db,
+                spec.job_id,
+                spec.attempt,
+                "status",
+                {"status": "completed", "docsCount": docs_count, "durationMs": duration_ms},
+            )
+
+    async def fail(self, spec: JobSpec, failure: Failure) -> None:
+        status = JobStatus.CANCELED if failure.code is FailureCode.CANCELED else JobStatus.FAILED
+        with self._tx() as db:
+            db.execute(
+                """UPDATE jobs SET status = ?, error_code = ?, error_message = ?, retryable = ?,
+                   updated_at = ? WHERE job_id = ? AND attempt = ?""",
+                (
+                    status,
+                    failure.code,
+                    failure.message,
+                    int(failure.retryable),
+                    self._clock.now(),
+                    spec.job_id,
+                    spec.attempt,
+                ),
+            )
+            self._event(
+                db,
+                spec.job_id,
+                spec.attempt,
+                "status",
+                {
+                    "status": str(status),
+                    "code": str(failure.code),
+                    "message": failure.message,
+                    "retryable": failure.retryable,
+                },
+            )

@@ -1,0 +1,174 @@
+"""Step lines and the progress state machine the runner feeds with CLI output.
+
+Pure: no clock, no I/O. The runner passes monotonic seconds (`now_s`) into every call, so tests
+drive time by hand.
+
+What the real Fondation CLI prints (packages/cli `analyze` command, a pino logger):
+
+* not on a TTY (our case): ``[FONDATION_STEP_<i>/<n>] <message>``, usually as the ``msg`` of a
+  pino JSON line (``{"level":30,"time":…,"msg":"[FONDATION_STEP_1/6] Extracting core …"}``),
+  or as plain text when a pretty printer is configured;
+* on a TTY: ``[<i>/<n>] <Phase>: <message>``.
+
+Step-line rule (`parse_step`): take the JSON ``msg`` when the line is a JSON object with a string
+``msg``, else the line itself; strip ANSI colour codes; then the marker must come FIRST, after
+optional whitespace and at most one pretty-printer prefix (a ``[HH:MM:SS(.fff)]`` or ISO time
+stamp, and/or a level word such as ``INFO``/``INFO (1234):``). A ``[1/2]`` anywhere later in a
+sentence ("retrying [1/2]") is a log line, not a step. The marker must be followed by whitespace
+or the end of the line. ``1 <= i <= n <= MAX_STEPS``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from dataclasses import dataclass
+
+from app.domain import JobStatus, Progress
+
+MAX_STEPS = 1000
+"""Totals above this are not step lines (a CLI has a handful of steps; `[3/40000]` is data)."""
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_STEP = re.compile(
+    r"""^\s*
+    (?:\[\d{1,2}:\d{2}:\d{2}(?:[.,]\d{1,9})?\]\s+)?                 # [12:34:56.789]
+    (?:\d{4}-\d{2}-\d{2}[T\ ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2})?\s+)?
+    (?-i:(?:TRACE|DEBUG|INFO|WARN|WARNING|ERROR|FATAL)(?:\s*\(\d+\))?:?\s+)?  # INFO (42):
+    \[(?:FONDATION_STEP_)?(?P<i>\d{1,6})/(?P<n>\d{1,6})\]
+    (?:\s+(?P<text>.*?))?\s*$""",
+    re.VERBOSE | re.IGNORECASE | re.DOTALL,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StepLine:
+    index: int
+    total: int
+    text: str
+
+
+def line_text(line: str) -> str:
+    """The human text of an output line: a JSON object's string `msg`, else the line itself."""
+    stripped = line.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        try:
+            obj = json.loads(stripped)
+        except ValueError:
+            return line
+        if isinstance(obj, dict):
+            msg = obj.get("msg")
+            if isinstance(msg, str):
+                return msg
+    return line
+
+
+def parse_step(line: str) -> StepLine | None:
+    """The step a CLI output line announces, or None for any other line (see the module doc)."""
+    text = _ANSI.sub("", line_text(line))
+    match = _STEP.match(text)
+    if match is None:
+        return None
+    index, total = int(match["i"]), int(match["n"])
+    if not 1 <= index <= total <= MAX_STEPS:
+        return None
+    return StepLine(index=index, total=total, text=(match["text"] or "").strip())
+
+
+class ProgressTracker:
+    """What to report, and when, for one attempt.
+
+    * `set_phase` and `final` always emit; a step change (`feed` of a step line with another
+      (index, total) than the current one) always emits at once.
+    * Any other line is a log line: kept in a ring of the newest `max_log_lines`, each cut to
+      `max_line_chars`; it triggers an emission only when `min_interval_s` passed since the last
+      emission. `tick` flushes pending logs under the same rule.
+    * `tick` emits a heartbeat (same state, no logs) once nothing was emitted for `heartbeat_s`
+      (never more often than `min_interval_s`).
+    * Every emission carries the logs pending since the previous one, and a `seq` one higher.
+    """
+
+    def __init__(
+        self,
+        min_interval_s: float,
+        heartbeat_s: float,
+        max_log_lines: int = 20,
+        max_line_chars: int = 500,
+    ) -> None:
+        if min_interval_s < 0 or heartbeat_s <= 0 or max_log_lines < 0 or max_line_chars < 1:
+            raise ValueError("invalid ProgressTracker limits")
+        self.min_interval_s = min_interval_s
+        self.heartbeat_s = max(heartbeat_s, min_interval_s)
+        self.max_line_chars = max_line_chars
+        self._logs: deque[str] = deque(maxlen=max_log_lines)
+        self._seq = 0
+        self._status = JobStatus.CLAIMED
+        self._step = 0
+        self._total = 0
+        self._message = ""
+        self._last_emit_s: float | None = None
+        self.dropped_lines = 0
+        """Log lines that fell out of the ring before they could be reported."""
+
+    @property
+    def seq(self) -> int:
+        """The `seq` of the last emission (0 before the first)."""
+        return self._seq
+
+    @property
+    def current(self) -> tuple[int, int]:
+        return self._step, self._total
+
+    def set_phase(self, status: JobStatus, message: str, now_s: float) -> Progress:
+        self._status = status
+        self._message = message
+        return self._emit(now_s)
+
+    def feed(self, line: str, now_s: float) -> Progress | None:
+        step = parse_step(line)
+        if step is not None and (step.index, step.total) != (self._step, self._total):
+            self._step, self._total = step.index, step.total
+            self._message = step.text or f"Step {step.index}/{step.total}"
+            return self._emit(now_s)
+        text = _ANSI.sub("", line_text(line)).rstrip()
+        if not text.strip():
+            return None
+        if len(text) > self.max_line_chars:
+            text = text[: self.max_line_chars - 1] + "…"
+        if self._logs.maxlen == 0:
+            self.dropped_lines += 1
+            return None
+        if len(self._logs) == self._logs.maxlen:
+            self.dropped_lines += 1
+        self._logs.append(text)
+        if self._interval_passed(now_s):
+            return self._emit(now_s)
+        return None
+
+    def tick(self, now_s: float) -> Progress | None:
+        if self._logs and self._interval_passed(now_s):
+            return self._emit(now_s)
+        if self._last_emit_s is not None and now_s - self._last_emit_s >= self.heartbeat_s:
+            return self._emit(now_s)
+        return None
+
+    def final(self, status: JobStatus, message: str, now_s: float) -> Progress:
+        return self.set_phase(status, message, now_s)
+
+    def _interval_passed(self, now_s: float) -> bool:
+        return self._last_emit_s is None or now_s - self._last_emit_s >= self.min_interval_s
+
+    def _emit(self, now_s: float) -> Progress:
+        self._seq += 1
+        self._last_emit_s = now_s
+        logs = tuple(self._logs)
+        self._logs.clear()
+        return Progress(
+            seq=self._seq,
+            status=self._status,
+            current_step=self._step,
+            total_steps=self._total,
+            message=self._message,
+            logs=logs,
+        )

@@ -1,0 +1,129 @@
+"""Which repository URLs and refs a job may name (CONTRACT §2). Pure except for the injected
+resolver, so the same rules run at intake and again right before cloning (DNS can change)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from app.errors import UrlPolicyError
+
+MAX_URL_CHARS = 2048
+MAX_REF_CHARS = 255
+_SHA_RE = re.compile(r"^[0-9a-fA-F]{7,64}$")
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+_HOST_RE = re.compile(r"^[a-z0-9.-]+$|^\[[0-9a-f:.]+\]$")
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Resolve with the OS resolver without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+@dataclass(frozen=True, slots=True)
+class RepoTarget:
+    """A syntactically allowed repository URL, split for the address check."""
+
+    url: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class UrlPolicy:
+    allowed_hosts: tuple[str, ...]
+    allow_insecure: bool = False
+    allow_private: bool = False
+
+    def check_url(self, url: str) -> RepoTarget:
+        """Syntactic checks: scheme, credentials, host allowlist. Raises `UrlPolicyError`."""
+        if not isinstance(url, str) or not url:
+            raise UrlPolicyError("repository URL is empty")
+        if len(url) > MAX_URL_CHARS:
+            raise UrlPolicyError("repository URL is too long")
+        if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+            raise UrlPolicyError("repository URL contains whitespace or control characters")
+        if "::" in url.split("/", 1)[0]:
+            raise UrlPolicyError("git transport syntax (ext::, fd::) is not allowed")
+        try:
+            parts = urlsplit(url)
+            port_or_none = parts.port
+        except ValueError as exc:
+            raise UrlPolicyError(f"repository URL cannot be parsed: {exc}") from None
+        schemes = ("https", "http") if self.allow_insecure else ("https",)
+        if parts.scheme.lower() not in schemes:
+            allowed = " or ".join(f"{s}://" for s in schemes)
+            raise UrlPolicyError(f"repository URL must start with {allowed}")
+        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+            raise UrlPolicyError("credentials in the repository URL are not allowed")
+        host = (parts.hostname or "").lower().rstrip(".")
+        if not host or not _HOST_RE.match(host if ":" not in host else f"[{host}]"):
+            raise UrlPolicyError("repository URL has no valid host")
+        if host not in self.allowed_hosts:
+            raise UrlPolicyError(f"host {host!r} is not in ALLOWED_GIT_HOSTS")
+        if parts.query or parts.fragment:
+            raise UrlPolicyError("repository URL must not have a query or fragment")
+        if not parts.path or parts.path == "/" or ".." in parts.path.split("/"):
+            raise UrlPolicyError("repository URL must name a repository path")
+        port = port_or_none or (443 if parts.scheme.lower() == "https" else 80)
+        return RepoTarget(url=url, host=host, port=port)
+
+    def check_addresses(self, host: str, addresses: Iterable[str]) -> None:
+        """Refuse hosts that resolve to non-public addresses unless private networks are
+        allowed. Every address must pass: an attacker controls which one git picks."""
+        found = list(addresses)
+        if not found:
+            raise UrlPolicyError(f"host {host!r} does not resolve")
+        if self.allow_private:
+            return
+        for raw in found:
+            ip = ipaddress.ip_address(raw.split("%", 1)[0])
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if not ip.is_global or ip.is_multicast:
+                raise UrlPolicyError(
+                    f"host {host!r} resolves to a private, loopback or link-local address"
+                )
+
+    async def check(self, url: str, resolve: Resolver) -> RepoTarget:
+        """Full check: syntax, then every resolved address."""
+        target = self.check_url(url)
+        try:
+            addresses = await resolve(target.host, target.port)
+        except (OSError, UnicodeError) as exc:
+            raise UrlPolicyError(f"host {target.host!r} does not resolve: {exc}") from None
+        self.check_addresses(target.host, addresses)
+        return target
+
+
+def check_ref(ref: str | None) -> str | None:
+    """A branch, tag or commit name that git cannot mistake for an option or a path trick."""
+    if ref is None:
+        return None
+    field = "data.repository.ref"
+    if not isinstance(ref, str) or not ref:
+        raise UrlPolicyError("ref must be a non-empty string", field)
+    if len(ref) > MAX_REF_CHARS:
+        raise UrlPolicyError("ref is too long", field)
+    if ref.startswith("-"):
+        raise UrlPolicyError("ref must not start with '-'", field)
+    if _SHA_RE.match(ref):
+        return ref
+    if (
+        _REF_FORBIDDEN.search(ref)
+        or ref.startswith(("/", "."))
+        or ref.endswith(("/", ".", ".lock"))
+        or "/." in ref
+        or ref == "@"
+    ):
+        raise UrlPolicyError(f"ref {ref!r} is not a valid git ref name", field)
+    return ref
