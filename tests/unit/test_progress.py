@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.domain import JobStatus
+from app.progress import ProgressTracker, StepLine, parse_step
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "[FONDATION_STEP_1/6] Extracting core abstractions from codebase",
+            StepLine(1, 6, "Extracting core abstractions from codebase"),
+        ),
+        (
+            "  [FONDATION_STEP_6/6] Generating interactive tutorials\n",
+            StepLine(6, 6, "Generating interactive tutorials"),
+        ),
+        ("[fondation_step_2/3] lower case", StepLine(2, 3, "lower case")),
+        (
+            "[2/6] Analyze: Analyzing relationships",
+            StepLine(2, 6, "Analyze: Analyzing relationships"),
+        ),
+        ("[3/3]", StepLine(3, 3, "")),
+        (
+            "[12:34:56.789] INFO (4242): [FONDATION_STEP_3/6] Determining optimal chapter order",
+            StepLine(3, 6, "Determining optimal chapter order"),
+        ),
+        ("INFO: [1/2] go", StepLine(1, 2, "go")),
+        ("2026-11-28T10:00:00.123Z INFO [1/2] go", StepLine(1, 2, "go")),
+        ("\x1b[32m[FONDATION_STEP_1/2]\x1b[0m colored", StepLine(1, 2, "colored")),
+        (
+            json.dumps(
+                {
+                    "level": 30,
+                    "time": 1,
+                    "msg": "[FONDATION_STEP_4/6] Generating chapter content",
+                    "step": "4/6",
+                }
+            ),
+            StepLine(4, 6, "Generating chapter content"),
+        ),
+    ],
+)
+def test_step_lines(line: str, expected: StepLine) -> None:
+    assert parse_step(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "",
+        "hello",
+        "retrying request [1/2] after error",
+        "Generated: chapter_1_foo.md [1/2]",
+        "x [FONDATION_STEP_1/2] not at start",
+        "[0/6] zero index",
+        "[1/0] zero total",
+        "[7/6] index over total",
+        "[1/100000] absurd total",
+        "[1/2]glued text",
+        "[a/b] letters",
+        "info [1/2] lower-case level words are not a prefix",
+        json.dumps({"msg": "Starting codebase analysis"}),
+        json.dumps({"msg": 5, "text": "[1/2] x"}),
+        json.dumps(["[1/2] a list"]),
+        '{"msg": "[1/2] broken json',
+        json.dumps({"msg": "says [1/2] in the middle"}),
+    ],
+)
+def test_not_step_lines(line: str) -> None:
+    assert parse_step(line) is None
+
+
+def test_json_line_text_wins_over_raw() -> None:
+    # the raw JSON text starts with "{", so only the msg can match
+    assert parse_step(json.dumps({"msg": "[1/2] a"})) == StepLine(1, 2, "a")
+
+
+def make(min_interval: float = 1.0, heartbeat: float = 15.0, **kw: int) -> ProgressTracker:
+    return ProgressTracker(min_interval, heartbeat, **kw)
+
+
+def test_phase_then_steps_and_logs() -> None:
+    t = make()
+    p = t.set_phase(JobStatus.CLAIMED, "claimed", 0.0)
+    assert (p.seq, p.status, p.current_step, p.total_steps, p.message, p.logs) == (
+        1,
+        JobStatus.CLAIMED,
+        0,
+        0,
+        "claimed",
+        (),
+    )
+    assert t.set_phase(JobStatus.ANALYZING, "running the CLI", 0.1).seq == 2
+    # a log line right after an emission waits for the interval
+    assert t.feed("some log", 0.2) is None
+    assert t.tick(0.5) is None
+    # a step change emits at once, carrying the pending log
+    p = t.feed("[FONDATION_STEP_1/6] Extracting", 0.6)
+    assert p is not None
+    assert (p.seq, p.status, p.current_step, p.total_steps, p.message, p.logs) == (
+        3,
+        JobStatus.ANALYZING,
+        1,
+        6,
+        "Extracting",
+        ("some log",),
+    )
+    # same step again is just a log line
+    assert t.feed("[FONDATION_STEP_1/6] Extracting", 0.7) is None
+    p = t.tick(1.6)
+    assert p is not None
+    assert p.logs == ("[FONDATION_STEP_1/6] Extracting",)
+    assert p.current_step == 1
+    # a log after the interval emits at once
+    p = t.feed("later", 3.0)
+    assert p is not None
+    assert p.logs == ("later",)
+
+
+def test_heartbeat_and_final() -> None:
+    t = make(min_interval=1.0, heartbeat=15.0)
+    assert t.tick(0.0) is None  # nothing emitted yet: nothing to beat for
+    t.set_phase(JobStatus.CLONING, "cloning", 0.0)
+    assert t.tick(14.9) is None
+    hb = t.tick(15.0)
+    assert hb is not None
+    assert (hb.seq, hb.status, hb.message, hb.logs) == (2, JobStatus.CLONING, "cloning", ())
+    assert t.tick(15.5) is None
+    assert t.feed("pending", 15.6) is None
+    assert t.feed("pending 2", 15.7) is None
+    f = t.final(JobStatus.COMPLETED, "done", 16.7)
+    assert (f.seq, f.status, f.message, f.logs) == (
+        3,
+        JobStatus.COMPLETED,
+        "done",
+        ("pending", "pending 2"),
+    )
+
+
+def test_logs_bounded_and_truncated() -> None:
+    t = make(max_log_lines=3, max_line_chars=10)
+    t.set_phase(JobStatus.ANALYZING, "x", 0.0)
+    for i in range(10):
+        assert t.feed(f"line {i} " + "y" * 20, 0.1) is None
+    assert t.feed("   ", 0.2) is None  # blank lines are not logs
+    p = t.tick(1.0)
+    assert p is not None
+    assert len(p.logs) == 3
+    assert all(len(line) <= 10 for line in p.logs)
+    assert p.logs[-1].startswith("line 9")
+    assert p.logs[-1].endswith("…")
+    assert t.dropped_lines == 7
+
+
+def test_json_log_lines_use_msg() -> None:
+    t = make()
+    t.set_phase(JobStatus.ANALYZING, "x", 0.0)
+    t.feed(json.dumps({"level": 30, "msg": "hello from pino"}), 0.1)
+    p = t.tick(2.0)
+    assert p is not None
+    assert p.logs == ("hello from pino",)
+
+
+def test_invalid_limits() -> None:
+    with pytest.raises(ValueError):
+        ProgressTracker(-1.0, 1.0)
+    with pytest.raises(ValueError):
+        ProgressTracker(1.0, 0.0)
+
+
+# -- properties ----------------------------------------------------------------------------
+
+_event = st.one_of(
+    st.tuples(st.just("feed"), st.sampled_from(["log a", "log b", "", "x [1/2] mid"])),
+    st.tuples(st.just("step"), st.tuples(st.integers(1, 4), st.integers(4, 5))),
+    st.tuples(st.just("tick"), st.none()),
+    st.tuples(
+        st.just("phase"),
+        st.sampled_from([JobStatus.CLONING, JobStatus.ANALYZING, JobStatus.GATHERING]),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(st.tuples(st.floats(0.0, 3.0), _event), max_size=80),
+    min_interval=st.floats(0.0, 2.0),
+    heartbeat=st.floats(0.5, 5.0),
+    max_logs=st.integers(0, 5),
+)
+def test_tracker_properties(
+    events: list[tuple[float, tuple[str, object]]],
+    min_interval: float,
+    heartbeat: float,
+    max_logs: int,
+) -> None:
+    t = ProgressTracker(min_interval, heartbeat, max_log_lines=max_logs, max_line_chars=50)
+    now = 0.0
+    last_seq = 0
+    last_emit: float | None = None
+    current = (0, 0)
+    for dt, (kind, arg) in events:
+        now += dt
+        forced = False
+        if kind == "feed":
+            assert isinstance(arg, str)
+            p = t.feed(arg, now)
+        elif kind == "step":
+            assert isinstance(arg, tuple)
+            i, n = arg
+            changed = (i, n) != current
+            p = t.feed(f"[FONDATION_STEP_{i}/{n}] step {i}", now)
+            if changed:
+                # step changes are never delayed
+                assert p is not None
+                assert (p.current_step, p.total_steps) == (i, n)
+                current = (i, n)
+                forced = True
+        elif kind == "tick":
+            p = t.tick(now)
+        else:
+            assert isinstance(arg, JobStatus)
+            p = t.set_phase(arg, "phase", now)
+            assert p is not None
+            forced = True
+        if p is None:
+            continue
+        assert p.seq == last_seq + 1  # strictly increasing, no gaps
+        last_seq = p.seq
+        assert len(p.logs) <= max_logs
+        assert all(len(line) <= 50 for line in p.logs)
+        assert (p.current_step, p.total_steps) == current
+        if not forced and last_emit is not None:
+            # at most one unforced emission per min_interval
+            assert now - last_emit >= min_interval
+        last_emit = now
+    f = t.final(JobStatus.COMPLETED, "done", now)
+    assert f.seq == last_seq + 1
+    assert len(f.logs) <= max_logs
