@@ -84,9 +84,7 @@ class Settings:
         return self.webhook_secrets
 
 
-def _get(
-    env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]
-) -> T:
+def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default

@@ -612,3 +612,26 @@ class SqliteJobStore:
                     "retryable": failure.retryable,
                 },
             )
+
+    async def mark_dropped(self, spec: JobSpec, reason: str | None) -> None:
+        """The upstream store refused the claim: the job runs elsewhere, not here."""
+        with self._tx() as db:
+            db.execute(
+                """UPDATE jobs SET status = ?, error_code = ?, error_message = ?, retryable = 0,
+                   updated_at = ? WHERE job_id = ? AND attempt = ?""",
+                (
+                    JobStatus.FAILED,
+                    "not_claimed",
+                    f"claim refused upstream ({reason}); the job is not run by this worker",
+                    self._clock.now(),
+                    spec.job_id,
+                    spec.attempt,
+                ),
+            )
+            self._event(
+                db,
+                spec.job_id,
+                spec.attempt,
+                "status",
+                {"status": "failed", "code": "not_claimed", "reason": reason},
+            )

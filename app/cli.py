@@ -1,0 +1,69 @@
+"""Command line: `fondation-worker serve` and `fondation-worker submit`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from app.config import load_settings
+from app.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fondation-worker", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the worker (settings from the environment)")
+    s = sub.add_parser("submit", help="send a signed job.start to a running worker")
+    s.add_argument("repository_url", help="https:// URL of the git repository")
+    s.add_argument("--ref", help="branch, tag or commit (default: the default branch)")
+    default_url = f"http://127.0.0.1:{os.environ.get('PORT', '8080')}"
+    s.add_argument("--url", default=default_url, help=f"worker base URL (default {default_url})")
+    s.add_argument("--job-id", help="job id (default: a new random one)")
+    s.add_argument("--model", help="model option passed to the CLI")
+    s.add_argument("--no-follow", action="store_true", help="print the job id and exit")
+    s.add_argument("--timeout-s", type=float, default=7200.0, help="how long to follow")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ)
+    if args.command == "serve":
+        from app.logs import Redactor, configure_logging
+        from app.main import serve
+
+        try:
+            settings = load_settings(env)
+        except ConfigError as exc:
+            print(f"fondation-worker: configuration error: {exc}", file=sys.stderr)
+            return 2
+        if not settings.webhook_secrets:
+            print("fondation-worker: WEBHOOK_SECRETS is required", file=sys.stderr)
+            return 2
+        configure_logging(settings.log_level, Redactor(settings.secret_values()))
+        serve(settings, env)
+        return 0
+
+    from app.submit import SubmitError, SubmitRequest, new_job_id, run_submit, secret_from_env
+
+    try:
+        req = SubmitRequest(
+            url=args.url.rstrip("/"),
+            repository_url=args.repository_url,
+            ref=args.ref,
+            secret=secret_from_env(env),
+            job_id=args.job_id or new_job_id(),
+            model=args.model,
+        )
+        return run_submit(req, follow_job=not args.no_follow, timeout_s=args.timeout_s)
+    except SubmitError as exc:
+        print(f"fondation-worker submit: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Wiring: build the services from settings, the Starlette app, and the uvicorn server whose
+SIGTERM first drains the jobs while the server still answers (503), then exits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Mapping
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.adapters.sqlite_store import SqliteJobStore
+from app.adapters.store import JobReporter
+from app.clock import Clock, SystemClock
+from app.config import Settings
+from app.jobs import JobManager
+from app.logs import Redactor
+from app.metrics import Metrics, create_metrics
+from app.routes import Problem, Services, problem_response, routes
+from app.signing import Verifier
+from app.urlpolicy import Resolver, system_resolver
+
+log = logging.getLogger("fondation.main")
+PRUNE_EVERY_S = 3600.0
+
+
+def build_reporter(
+    settings: Settings, store: SqliteJobStore, clock: Clock, metrics: Metrics
+) -> JobReporter:
+    """Convex when `CONVEX_URL` is set (mirrored into the local view), else the local store."""
+    if settings.convex_url is None:
+        return store
+    from app.adapters.convex_store import ConvexJobStore, MirroredReporter
+
+    convex = ConvexJobStore(settings, clock=clock, metrics=metrics)
+    return MirroredReporter(primary=convex, mirror=store)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str] | None = None,
+    clock: Clock | None = None,
+    resolver: Resolver | None = None,
+    reporter: JobReporter | None = None,
+    redactor: Redactor | None = None,
+) -> Starlette:
+    """The worker as an ASGI app; every dependency can be injected for tests."""
+    clock = clock or SystemClock()
+    environ = dict(os.environ if environ is None else environ)
+    redactor = redactor or Redactor(settings.secret_values())
+    metrics = create_metrics()
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    store = SqliteJobStore(
+        settings.db_path,
+        clock=clock,
+        worker_id=settings.worker_id,
+        dedupe_ttl_s=settings.dedupe_ttl_s,
+    )
+    reporter = reporter or build_reporter(settings, store, clock, metrics)
+    manager = JobManager(
+        settings=settings,
+        reporter=reporter,
+        clock=clock,
+        metrics=metrics,
+        environ=environ,
+        resolver=resolver or system_resolver,
+        redactor=redactor,
+    )
+    services = Services(
+        settings=settings,
+        store=store,
+        manager=manager,
+        verifier=Verifier.from_secrets(settings.webhook_secrets, settings.webhook_tolerance_s),
+        metrics=metrics,
+        clock=clock,
+        resolver=resolver or system_resolver,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.embedded:
+            for job in store.interrupt_orphans():
+                log.warning(
+                    "job left unfinished by an earlier process marked interrupted",
+                    extra={"job_id": job.job_id, "attempt": job.attempt},
+                )
+        pruner = asyncio.create_task(_prune_forever(store))
+        log.info(
+            "worker ready",
+            extra={
+                "worker_id": settings.worker_id,
+                "mode": "embedded" if settings.embedded else "convex",
+                "slots": settings.max_concurrent_jobs,
+            },
+        )
+        try:
+            yield
+        finally:
+            pruner.cancel()
+            if not manager.draining or manager.running_count:
+                await manager.drain(settings.shutdown_grace_s)
+            close = getattr(reporter, "aclose", None)
+            if close is not None:
+                await close()
+            store.close()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return problem_response(
+            Problem(exc.status_code, f"http-{exc.status_code}", str(exc.detail), str(exc.detail))
+        )
+
+    async def crash(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return problem_response(
+            Problem(500, "internal", "Internal Server Error", "the worker hit an internal error")
+        )
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: crash},
+    )
+    app.state.services = services
+    return app
+
+
+async def _prune_forever(store: SqliteJobStore) -> None:
+    while True:
+        try:
+            store.prune()
+        except Exception:  # a prune failure must never take the worker down
+            log.exception("pruning old deliveries failed")
+        await asyncio.sleep(PRUNE_EVERY_S)
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: stop taking jobs (webhooks get 503), stop the CLIs and
+    report them interrupted, then let uvicorn shut down. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette, grace_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._grace_s = grace_s
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None:
+            super().handle_exit(sig, frame)
+            return
+        log.info("signal received; draining", extra={"signal": signal.Signals(sig).name})
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        manager: JobManager = self._app.state.services.manager
+        try:
+            # Keep a margin of the grace for uvicorn's own shutdown and the process exit.
+            await manager.drain(max(0.5, self._grace_s - 2.0))
+        finally:
+            self.should_exit = True
+
+
+def serve(settings: Settings, environ: Mapping[str, str]) -> None:
+    """Run the worker until SIGTERM, exiting within `SHUTDOWN_GRACE_S`."""
+    app = create_app(settings, environ=environ)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+        lifespan="on",
+    )
+    DrainingServer(config, app, settings.shutdown_grace_s).run()
