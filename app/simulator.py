@@ -386,7 +386,7 @@ def run(args: argparse.Namespace, out: Out) -> int:
             for a in abstractions:
                 if reviewed and a.number % 2 == 0:
                     continue  # only odd-numbered chapters get a reviewed version
-                pad = sw.huge_doc_bytes if (a is huge_target and not reviewed) else None
+                pad = sw.huge_doc_bytes if a is huge_target else None  # draft and review
                 text = chapter_text(a, position[a.number], reviewed, pad)
                 (target / chapter_file(a)).write_text(text, encoding="utf-8")
                 out.info(f"{'Reviewed' if reviewed else 'Generated'}: {chapter_file(a)}")
