@@ -1,0 +1,407 @@
+"""Cloning a repository with GitPython: shallow, one ref, bounded in time and size, and
+hardened against what an untrusted repository or server could try.
+
+How a clone runs (in a worker thread, so the event loop never blocks):
+
+    git init <dest>
+    git fetch --depth 1 --no-tags --no-recurse-submodules -- <url> <ref | sha | HEAD>
+    git checkout --detach --force FETCH_HEAD
+
+Each git process runs in its own process group; a watcher loop polls every 0.2 s and kills
+the group when the deadline passes, when `dest` grows beyond `max_bytes` (checked during the
+fetch *and* the checkout, so a small pack that inflates into a huge tree is caught too), or
+when the caller's task is cancelled.
+
+Security: the token reaches git only through `GIT_CONFIG_*` environment variables as an
+`http.extraHeader` (never in the URL, the argv, a log or an error message); user and system
+git configuration are ignored; terminal prompts, askpass and credential helpers are off;
+only http(s) is allowed (`GIT_ALLOW_PROTOCOL`, `protocol.file.allow=never`); redirects are
+not followed; hooks are disabled (`core.hooksPath=/dev/null`); LFS smudging is skipped;
+submodules are not fetched; symlinks are checked out as plain files (`core.symlinks=false`)
+so the CLI cannot be led outside the checkout.
+
+Every failure raises `JobFailure(code="clone_failed", message=...)` with a short message
+scrubbed of secrets. A timeout is also `clone_failed` ("clone timed out after N s"), with
+`retryable=True`, as are server errors and network failures; a missing ref, refused
+authentication or the size limit are not retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import git
+
+from app.domain import FailureCode
+from app.errors import JobFailure
+
+__all__ = ["CloneResult", "clone", "dir_size", "remove_tree", "scrub", "validate_ref"]
+
+_POLL_S = 0.2
+_STDERR_KEEP = 16 * 1024
+_SHA = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+_AUTH_HEADER = re.compile(r"(?i)(authorization:\s*)(\S+\s+)?\S+")
+_CLONE_FAILED = str(FailureCode.CLONE_FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class CloneResult:
+    commit: str
+    bytes_on_disk: int
+    duration_s: float
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+def _job_failure(message: str, *, retryable: bool) -> JobFailure:
+    return JobFailure(_CLONE_FAILED, message, retryable=retryable)
+
+
+def validate_ref(ref: str) -> None:
+    """Refuse refs git could read as an option or that are not plain ref names / SHAs."""
+    if not ref or ref.startswith("-") or len(ref) > 255:
+        raise _job_failure("invalid ref", retryable=False)
+    if _BAD_REF.search(ref) or ref.startswith("/") or ref.endswith(("/", ".", ".lock")):
+        raise _job_failure("invalid ref", retryable=False)
+
+
+def _validate_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise _job_failure("invalid repository URL", retryable=False) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _job_failure("repository URL must be http(s)", retryable=False)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise _job_failure("repository URL must not carry credentials", retryable=False)
+
+
+def _basic_value(token: str) -> str:
+    return base64.b64encode(f"x-access-token:{token}".encode()).decode("ascii")
+
+
+def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Remove secrets, Authorization header values and URL userinfo from `text`."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _AUTH_HEADER.sub(r"\1***", text)
+    return _URL_USERINFO.sub("***@", text)
+
+
+def _git_env(token: str | None) -> dict[str, str]:
+    config: list[tuple[str, str]] = [
+        ("protocol.file.allow", "never"),
+        ("protocol.ext.allow", "never"),
+        ("http.followRedirects", "false"),
+        ("core.hooksPath", "/dev/null"),
+        ("core.symlinks", "false"),
+        ("core.fsmonitor", "false"),
+        ("credential.helper", ""),
+        ("submodule.recurse", "false"),
+        ("fetch.recurseSubmodules", "false"),
+        ("advice.detachedHead", "false"),
+        ("init.defaultBranch", "main"),
+        ("gc.auto", "0"),
+        ("filter.lfs.smudge", "git-lfs smudge --skip -- %f"),
+        ("filter.lfs.process", "git-lfs filter-process --skip"),
+        ("filter.lfs.required", "false"),
+    ]
+    if token:
+        config.append(("http.extraHeader", f"Authorization: Basic {_basic_value(token)}"))
+    env = {
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ASKPASS": "true",
+        "SSH_ASKPASS": "true",
+        "GIT_ALLOW_PROTOCOL": "http:https",
+        "GIT_LFS_SKIP_SMUDGE": "1",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_PROTOCOL_FROM_USER": "0",
+        "GIT_CONFIG_COUNT": str(len(config)),
+        "LANG": "C",
+        "LC_ALL": "C",
+        "LANGUAGE": "C",
+    }
+    # A fresh environment: nothing of the worker's (its secrets, or GIT_DIR, GIT_SSL_NO_VERIFY,
+    # GIT_TRACE_* that would steer git) reaches git; only where to find programs and home.
+    for name in ("PATH", "HOME", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.setdefault("PATH", os.defpath)
+    for i, (key, value) in enumerate(config):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
+    return env
+
+
+def dir_size(path: Path) -> int:
+    """Apparent size of every regular file under `path` (symlinks not followed)."""
+    total = 0
+    stack = [str(path)]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue  # files come and go while git writes
+        except OSError:
+            continue
+    return total
+
+
+class _Drain(threading.Thread):
+    """Reads a pipe to the end, keeping only the last bytes (git must never block on it)."""
+
+    def __init__(self, stream: IO[bytes] | None) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.data = bytearray()
+
+    def run(self) -> None:
+        if self.stream is None:
+            return
+        fd = self.stream.fileno()
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := os.read(fd, 65536):
+                self.data += chunk
+                if len(self.data) > _STDERR_KEEP:
+                    del self.data[: len(self.data) - _STDERR_KEEP]
+
+    def text(self) -> str:
+        return bytes(self.data).decode("utf-8", errors="replace")
+
+
+@dataclass
+class _Limits:
+    dest: Path
+    deadline: float
+    timeout_s: float
+    max_bytes: int
+    abort: threading.Event
+    secrets: tuple[str, ...]
+    ref_label: str = "HEAD"
+
+
+def _git_program() -> str:
+    """The git executable GitPython is configured with (GIT_PYTHON_GIT_EXECUTABLE)."""
+    return str(git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git")
+
+
+def _killpg(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _run_git(args: list[str], env: dict[str, str], cwd: Path, limits: _Limits) -> str:
+    """Run one git command under the limits; return its stderr text or raise `_Failed`."""
+    # Popen rather than GitPython's execute(): execute() merges os.environ into the child's
+    # environment, which would hand git the worker's secrets and any GIT_* variables.
+    proc = subprocess.Popen(
+        [_git_program(), *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    drain = _Drain(proc.stderr)
+    drain.start()
+    reason: _Failed | None = None
+    try:
+        while True:
+            try:
+                proc.wait(timeout=_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if limits.abort.is_set():
+                reason = _Failed("clone canceled", retryable=True)
+            elif time.monotonic() > limits.deadline:
+                reason = _Failed(f"clone timed out after {limits.timeout_s:g} s", retryable=True)
+            elif dir_size(limits.dest) > limits.max_bytes:
+                reason = _Failed(f"repository exceeds the size limit of {limits.max_bytes} bytes")
+            if reason is not None:
+                _killpg(proc.pid)
+                proc.wait()
+                break
+    finally:
+        if proc.returncode is None:
+            _killpg(proc.pid)
+            proc.wait()
+        _killpg(proc.pid)  # helpers (remote-https, index-pack) go with the leader
+        drain.join(timeout=2)
+        with contextlib.suppress(OSError):
+            if proc.stderr is not None:
+                proc.stderr.close()
+    if reason is not None:
+        raise reason
+    stderr = drain.text()
+    if proc.returncode != 0:
+        raise _classify(stderr, limits)
+    if dir_size(limits.dest) > limits.max_bytes:
+        raise _Failed(f"repository exceeds the size limit of {limits.max_bytes} bytes")
+    return stderr
+
+
+def _classify(stderr: str, limits: _Limits) -> _Failed:
+    low = stderr.lower()
+    if "couldn't find remote ref" in low or "not our ref" in low:
+        return _Failed(f"ref {limits.ref_label!r} not found")
+    if (
+        "authentication failed" in low
+        or "could not read username" in low
+        or "could not read password" in low
+        or "terminal prompts disabled" in low
+        or "returned error: 401" in low
+        or "returned error: 403" in low
+    ):
+        return _Failed("authentication failed or repository not accessible")
+    if "returned error: 404" in low or ("not found" in low and "repository" in low):
+        return _Failed("repository not found")
+    if re.search(r"returned error: 30\d", low) or "redirect" in low:
+        return _Failed("the server answered with a redirect, which is not followed")
+    if re.search(r"returned error: 5\d\d", low):
+        return _Failed("the git server failed", retryable=True)
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if ln.lower().startswith(("fatal", "error"))), "")
+    last = last or (lines[-1] if lines else "git failed")
+    detail = scrub(last, limits.secrets)[:300]
+    return _Failed(f"git failed: {detail}", retryable=True)
+
+
+def _clone_sync(
+    url: str,
+    ref: str | None,
+    dest: Path,
+    token: str | None,
+    timeout_s: float,
+    max_bytes: int,
+    abort: threading.Event,
+) -> CloneResult:
+    started = time.monotonic()
+    secrets = tuple(s for s in (token, _basic_value(token) if token else None) if s)
+    limits = _Limits(
+        dest, started + timeout_s, timeout_s, max_bytes, abort, secrets, ref or "default branch"
+    )
+    env = _git_env(token)
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise _Failed("destination directory is not empty")
+    _run_git(["init", "-q", "--", str(dest)], env, dest, limits)
+    target = ref if ref is not None else "HEAD"
+    _run_git(
+        [
+            "fetch",
+            "--quiet",
+            "--depth",
+            "1",
+            "--no-tags",
+            "--no-recurse-submodules",
+            "--",
+            url,
+            target,
+        ],
+        env,
+        dest,
+        limits,
+    )
+    _run_git(["checkout", "-q", "--detach", "--force", "FETCH_HEAD", "--"], env, dest, limits)
+    commit = git.Repo(str(dest)).head.commit.hexsha
+    if ref is not None and _SHA.fullmatch(ref) and commit.lower() != ref.lower():
+        raise _Failed(f"ref {ref!r} not found")
+    return CloneResult(
+        commit=commit, bytes_on_disk=dir_size(dest), duration_s=time.monotonic() - started
+    )
+
+
+async def clone(
+    url: str,
+    ref: str | None,
+    dest: Path,
+    *,
+    token: str | None,
+    timeout_s: float,
+    max_bytes: int,
+) -> CloneResult:
+    """Shallow-clone `ref` of `url` into `dest` (created if missing, must be empty).
+
+    `ref` is a branch, a tag or a full commit SHA; None means the remote's default branch.
+    Raises `JobFailure(code="clone_failed")` on any failure. `dest` is left as it is on
+    failure: the caller removes its workspace (see `remove_tree`). Cancelling the calling
+    task kills git and waits (bounded) for the worker thread before re-raising.
+    """
+    _validate_url(url)
+    if ref is not None:
+        validate_ref(ref)
+    abort = threading.Event()
+    work = asyncio.ensure_future(
+        asyncio.to_thread(_clone_sync, url, ref, dest, token, timeout_s, max_bytes, abort)
+    )
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        abort.set()
+        await asyncio.wait({work}, timeout=10)
+        if work.done() and not work.cancelled():
+            work.exception()  # retrieved: no "exception never retrieved" noise
+        raise
+    except _Failed as failed:
+        raise _job_failure(failed.message, retryable=failed.retryable) from None
+    except (git.GitCommandError, OSError, ValueError) as exc:
+        secrets = (token, _basic_value(token)) if token else ()
+        raise _job_failure(
+            scrub(f"clone failed: {type(exc).__name__}", secrets), retryable=True
+        ) from None
+
+
+def remove_tree(path: Path) -> None:
+    """Remove `path` recursively, also read-only files and directories; missing is fine."""
+
+    def make_writable_and_retry(func: Callable[..., Any], target: str, _: object) -> None:
+        with contextlib.suppress(OSError):
+            parent = os.path.dirname(target)
+            os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+            os.chmod(target, os.lstat(target).st_mode | stat.S_IWUSR)
+        with contextlib.suppress(FileNotFoundError):
+            func(target)
+
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(path, onerror=make_writable_and_retry)
