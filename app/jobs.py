@@ -459,7 +459,7 @@ class _Pipeline:
                 FailureCode.TIMEOUT, f"the CLI ran longer than JOB_TIMEOUT_S={s.job_timeout_s:g}"
             )
         if result.exit_code != 0:
-            tail = "\n".join(result.tail[-15:])
+            tail = "\n".join(result.failure_tail[-15:])
             raise JobFailure(
                 FailureCode.CLI_FAILED, f"the CLI exited with code {result.exit_code}\n{tail}"
             )

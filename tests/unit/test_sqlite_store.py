@@ -1,0 +1,98 @@
+"""The embedded SQLite store: dedupe window, job transitions, events, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.adapters.sqlite_store import SqliteJobStore
+from app.clock import FakeClock
+from app.config import DEDUPE_MIN_S
+from app.domain import (
+    CancelRequest,
+    Doc,
+    DocKind,
+    Failure,
+    FailureCode,
+    JobSpec,
+    JobStatus,
+    Progress,
+    Repository,
+)
+
+SPEC = JobSpec("j1", 1, "t" * 40, Repository("https://github.com/o/r.git", "main"))
+
+
+def store(tmp_path: Path, clock: FakeClock, worker: str = "w1") -> SqliteJobStore:
+    return SqliteJobStore(tmp_path / "db.sqlite3", clock=clock, worker_id=worker, dedupe_ttl_s=DEDUPE_MIN_S)
+
+
+def test_record_once_then_existing(tmp_path: Path) -> None:
+    s = store(tmp_path, FakeClock())
+    assert s.record_start("j1:1", "fp", SPEC).recorded
+    again = s.record_start("j1:1", "fp2", SPEC)
+    assert not again.recorded and again.existing is not None and again.existing.fingerprint == "fp"
+    assert s.get_job("j1") is not None and s.get_job("j1").status is JobStatus.ACCEPTED  # type: ignore[union-attr]
+
+
+def test_dedupe_window_is_at_least_72_hours(tmp_path: Path) -> None:
+    clock = FakeClock()
+    s = store(tmp_path, clock)
+    s.record_start("j1:1", "fp", SPEC)
+    clock.advance(72 * 3600 - 1)
+    assert s.lookup_delivery("j1:1") is not None
+    assert s.prune() == 0
+    clock.advance(2)
+    assert s.lookup_delivery("j1:1") is None
+    assert s.prune() == 1
+
+
+def test_two_stores_on_one_file_agree(tmp_path: Path) -> None:
+    clock = FakeClock()
+    a, b = store(tmp_path, clock, "a"), store(tmp_path, clock, "b")
+    assert a.record_start("j1:1", "fp", SPEC).recorded
+    assert not b.record_start("j1:1", "fp", SPEC).recorded
+
+
+async def test_lifecycle_and_events(tmp_path: Path) -> None:
+    s = store(tmp_path, FakeClock())
+    s.record_start("j1:1", "fp", SPEC)
+    assert (await s.claim(SPEC)).ok
+    assert not (await store(tmp_path, FakeClock(), "other").claim(SPEC)).ok
+    await s.progress(SPEC, Progress(2, JobStatus.ANALYZING, 1, 3, "step one"))
+    await s.progress(SPEC, Progress(1, JobStatus.CLONING, 0, 0, "stale"))  # ignored
+    job = s.get_job("j1")
+    assert job is not None and job.status is JobStatus.ANALYZING and job.message == "step one"
+    docs = [Doc("a", "A", DocKind.YAML, None, "x"), Doc("b", "B", DocKind.CHAPTER, 1, "y")]
+    await s.put_docs(SPEC, docs)
+    await s.put_docs(SPEC, docs[1:])  # idempotent on slug
+    assert [d.slug for d in s.list_docs("j1", 1)] == ["a", "b"]
+    await s.complete(SPEC, 2, 1234)
+    job = s.get_job("j1")
+    assert job is not None and job.status is JobStatus.COMPLETED and job.docs_count == 2
+    types = [e.type for e in s.events_since("j1", 0)]
+    assert types == ["status", "status", "progress", "status"]
+    ack = await s.progress(SPEC, Progress(9, JobStatus.ANALYZING, 2, 3, "late"))
+    assert ack.stop
+
+
+async def test_fail_and_cancel_status(tmp_path: Path) -> None:
+    s = store(tmp_path, FakeClock())
+    s.record_start("j1:1", "fp", SPEC)
+    s.record_cancel("j1:1:cancel", "fpc", CancelRequest("j1", 1))
+    await s.fail(SPEC, Failure(FailureCode.CANCELED, "canceled on request"))
+    job = s.get_job("j1")
+    assert job is not None and job.status is JobStatus.CANCELED and job.error_code == "canceled"
+
+
+def test_restart_marks_own_orphans_interrupted(tmp_path: Path) -> None:
+    clock = FakeClock()
+    s = store(tmp_path, clock, "w1")
+    s.record_start("j1:1", "fp", SPEC)
+    other = JobSpec("j2", 1, "t" * 40, Repository("https://github.com/o/r.git"))
+    store(tmp_path, clock, "w2").record_start("j2:1", "fp", other)
+    s.close()
+    again = store(tmp_path, clock, "w1")
+    assert [j.job_id for j in again.interrupt_orphans()] == ["j1"]
+    j1, j2 = again.get_job("j1"), again.get_job("j2")
+    assert j1 is not None and j1.status is JobStatus.FAILED and j1.error_code == "interrupted"
+    assert j2 is not None and j2.status is JobStatus.ACCEPTED  # another worker's job is left alone
