@@ -18,26 +18,45 @@ from app.signing import sign
 from tests.support.fakes import HeldReporter, public_resolver
 from tests.support.signing import SECRET, start_body
 
-HEADER_NAMES = ["webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-length"]
+HEADER_NAMES = [
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-type",
+    "content-length",
+]
 header_values = st.one_of(
     st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80),
-    st.sampled_from(["application/json", "v1,AAAA", "v1,", "0", "-1", "99999999999999", str(int(time.time()))]),
+    st.sampled_from(
+        ["application/json", "v1,AAAA", "v1,", "0", "-1", "99999999999999", str(int(time.time()))]
+    ),
 )
 bodies = st.one_of(
     st.binary(max_size=512),
-    st.builds(lambda d: json.dumps(d).encode(), st.recursive(
-        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-        max_leaves=12,
-    )),
+    st.builds(
+        lambda d: json.dumps(d).encode(),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda children: (
+                st.lists(children, max_size=4)
+                | st.dictionaries(st.text(max_size=10), children, max_size=4)
+            ),
+            max_leaves=12,
+        ),
+    ),
     st.just(start_body("fz", "https://github.com/o/r.git")),
 )
 
 
 def test_fuzz_never_5xx_never_job_without_signature(tmp_path: Path) -> None:
     settings_ = load_settings(
-        {"WEBHOOK_SECRETS": SECRET, "DATA_DIR": str(tmp_path / "d"), "WORK_DIR": str(tmp_path / "w"),
-         "SHUTDOWN_GRACE_S": "1", "MAX_CONCURRENT_JOBS": "1000"}
+        {
+            "WEBHOOK_SECRETS": SECRET,
+            "DATA_DIR": str(tmp_path / "d"),
+            "WORK_DIR": str(tmp_path / "w"),
+            "SHUTDOWN_GRACE_S": "1",
+            "MAX_CONCURRENT_JOBS": "1000",
+        }
     )
     reporter = HeldReporter()
     app = create_app(settings_, environ={}, resolver=public_resolver, reporter=reporter)
@@ -46,7 +65,9 @@ def test_fuzz_never_5xx_never_job_without_signature(tmp_path: Path) -> None:
     lifespan = app.router.lifespan_context(app)
     loop.run_until_complete(lifespan.__aenter__())
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
     @given(
         headers=st.dictionaries(st.sampled_from(HEADER_NAMES), header_values, max_size=5),
         body=bodies,
@@ -55,7 +76,12 @@ def test_fuzz_never_5xx_never_job_without_signature(tmp_path: Path) -> None:
     def check(headers: dict[str, str], body: bytes, sign_it: bool) -> None:
         headers = {k: v for k, v in headers.items() if k != "content-length"}
         signed = False
-        if sign_it and "webhook-id" in headers and headers["webhook-id"].isprintable() and headers["webhook-id"]:
+        if (
+            sign_it
+            and "webhook-id" in headers
+            and headers["webhook-id"].isprintable()
+            and headers["webhook-id"]
+        ):
             ts = int(time.time())
             headers["webhook-timestamp"] = str(ts)
             headers["webhook-signature"] = sign(SECRET, headers["webhook-id"], ts, body)

@@ -19,7 +19,9 @@ URL = "https://github.com/owner/repo.git"
 
 
 @contextlib.asynccontextmanager
-async def running_app(tmp_path: Path, **env: str) -> AsyncIterator[tuple[httpx.AsyncClient, HeldReporter]]:
+async def running_app(
+    tmp_path: Path, **env: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, HeldReporter]]:
     settings = load_settings(
         {
             "WEBHOOK_SECRETS": SECRET,
@@ -116,7 +118,9 @@ async def test_wrong_secret_is_401(tmp_path: Path) -> None:
 async def test_rotation_accepts_both_secrets(tmp_path: Path) -> None:
     async with running_app(tmp_path, WEBHOOK_SECRETS=f"{OTHER_SECRET},{SECRET}") as (client, _):
         assert (await post(client, start_body("a", URL), "a:1", secret=SECRET)).status_code == 202
-        assert (await post(client, start_body("b", URL), "b:1", secret=OTHER_SECRET)).status_code == 202
+        assert (
+            await post(client, start_body("b", URL), "b:1", secret=OTHER_SECRET)
+        ).status_code == 202
 
 
 async def test_not_json_is_400_and_schema_is_422(tmp_path: Path) -> None:

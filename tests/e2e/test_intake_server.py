@@ -36,7 +36,9 @@ def worker(tmp_path_factory: pytest.TempPathFactory, stall: StallServer) -> Iter
 
 
 def post(w: WorkerProcess, body: bytes, msg_id: str, **kw: object) -> httpx.Response:
-    return httpx.post(f"{w.url}/v1/webhooks", content=body, headers=headers_for(body, msg_id, **kw), timeout=10)  # type: ignore[arg-type]
+    return httpx.post(
+        f"{w.url}/v1/webhooks", content=body, headers=headers_for(body, msg_id, **kw), timeout=10
+    )  # type: ignore[arg-type]
 
 
 def assert_problem(r: httpx.Response, status: int) -> None:
@@ -50,7 +52,11 @@ def assert_problem(r: httpx.Response, status: int) -> None:
 def test_rows_start_duplicate_conflict_cancel(worker: WorkerProcess, stall: StallServer) -> None:
     body = start_body("row1", stall.url())
     r = post(worker, body, "row1:1")
-    assert r.status_code == 202 and r.json() == {"jobId": "row1", "attempt": 1, "status": "accepted"}
+    assert r.status_code == 202 and r.json() == {
+        "jobId": "row1",
+        "attempt": 1,
+        "status": "accepted",
+    }
     r = post(worker, body, "row1:1")
     assert r.status_code == 200 and r.json()["duplicate"] is True
     assert_problem(post(worker, start_body("row1", stall.url(), ref="other"), "row1:1"), 422)
@@ -82,8 +88,12 @@ def test_rows_400_415_422(worker: WorkerProcess, stall: StallServer) -> None:
     assert_problem(httpx.post(f"{worker.url}/v1/webhooks", content=body, headers=h), 415)
     assert_problem(post(worker, b'{"type":"job.nope","data":{}}', "x:1"), 422)
     assert_problem(post(worker, b'{"type":"job.start","data":{"jobId":"a"}}', "a:1"), 422)
-    for url in ("file:///etc/passwd", "https://github.com/o/r.git", "http://169.254.169.254/x.git",
-                "http://user:pw@127.0.0.1/x.git"):
+    for url in (
+        "file:///etc/passwd",
+        "https://github.com/o/r.git",
+        "http://169.254.169.254/x.git",
+        "http://user:pw@127.0.0.1/x.git",
+    ):
         assert_problem(post(worker, start_body("r422", url), "r422:1"), 422)
 
 
@@ -98,6 +108,7 @@ def test_row_413_without_reading_past_the_limit(worker: WorkerProcess) -> None:
         )
         answer = s.recv(4096)
     assert answer.startswith(b"HTTP/1.1 413")
+
     # Chunked, no length: cut off once past the limit.
     def gen() -> Iterator[bytes]:
         for _ in range(100):
@@ -129,7 +140,14 @@ def test_fifty_concurrent_duplicates_one_job(worker: WorkerProcess, stall: Stall
     body = start_body("conc", stall.url())
     h = headers_for(body, "conc:1")
     with httpx.Client(timeout=20) as client, concurrent.futures.ThreadPoolExecutor(50) as pool:
-        codes = list(pool.map(lambda _: client.post(f"{worker.url}/v1/webhooks", content=body, headers=h).status_code, range(50)))
+        codes = list(
+            pool.map(
+                lambda _: (
+                    client.post(f"{worker.url}/v1/webhooks", content=body, headers=h).status_code
+                ),
+                range(50),
+            )
+        )
     assert codes.count(202) == 1, codes
     assert codes.count(200) == 49, codes
     jobs = httpx.get(f"{worker.url}/v1/jobs").json()["jobs"]
@@ -151,7 +169,12 @@ def test_replay_after_restart(tmp_path: Path, stall: StallServer) -> None:
     w2 = WorkerProcess(env, tmp_path / "w2.log").start()
     try:
         r = post(w2, body, "again:1")
-        assert r.status_code == 200 and r.json() == {"jobId": "again", "attempt": 1, "status": "canceled", "duplicate": True}
+        assert r.status_code == 200 and r.json() == {
+            "jobId": "again",
+            "attempt": 1,
+            "status": "canceled",
+            "duplicate": True,
+        }
         assert_problem(post(w2, start_body("again", stall.url(), ref="x"), "again:1"), 422)
     finally:
         w2.stop()

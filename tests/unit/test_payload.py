@@ -31,7 +31,12 @@ def parse(doc: Any, msg_id: str = "j1:1") -> Any:
 
 
 def test_job_start_parses() -> None:
-    env = parse(start(options={"model": "claude-sonnet-4-20250514", "steps": ["extract", "analyze"]}, priority=5))
+    env = parse(
+        start(
+            options={"model": "claude-sonnet-4-20250514", "steps": ["extract", "analyze"]},
+            priority=5,
+        )
+    )
     spec = env.event
     assert isinstance(spec, JobSpec)
     assert spec.key == "j1:1" and spec.priority == 5
@@ -63,7 +68,11 @@ def test_job_cancel_parses() -> None:
         (start(callbackToken=None), "j1:1", "data.callbackToken"),
         (start(repository="https://github.com/o/r"), "j1:1", "data.repository"),
         (start(repository={"ref": "main"}), "j1:1", "data.repository.url"),
-        (start(repository={"url": "https://github.com/o/r", "ref": "-x"}), "j1:1", "data.repository.ref"),
+        (
+            start(repository={"url": "https://github.com/o/r", "ref": "-x"}),
+            "j1:1",
+            "data.repository.ref",
+        ),
         (start(options={"model": "x; rm -rf /"}), "j1:1", "data.options.model"),
         (start(options={"shell": "bash"}), "j1:1", "data.options"),
         (start(options={"steps": "extract"}), "j1:1", "data.options.steps"),

@@ -29,21 +29,33 @@ def test_shared_vectors_verify(vec: dict) -> None:
     body = vec["body"].encode()
     assert sign(vec["secret"], vec["id"], vec["timestamp"], body) == vec["signature"]
     v = Verifier.from_secrets([vec["secret"]])
-    assert v.verify(headers(vec["id"], vec["timestamp"], vec["signature"]), body, now_s=vec["timestamp"]) == vec["id"]
+    assert (
+        v.verify(
+            headers(vec["id"], vec["timestamp"], vec["signature"]), body, now_s=vec["timestamp"]
+        )
+        == vec["id"]
+    )
 
 
 @pytest.mark.parametrize("vec", VECTORS["invalid"], ids=lambda v: v["name"])
 def test_shared_invalid_vectors_fail(vec: dict) -> None:
     v = Verifier.from_secrets([vec["secret"]])
     with pytest.raises(SignatureError):
-        v.verify(headers(vec["id"], vec["timestamp"], vec["signature"]), vec["body"].encode(), now_s=vec["timestamp"])
+        v.verify(
+            headers(vec["id"], vec["timestamp"], vec["signature"]),
+            vec["body"].encode(),
+            now_s=vec["timestamp"],
+        )
 
 
 def test_official_library_signature_verifies_with_ours() -> None:
     now = datetime.now(tz=UTC)
     sig = Webhook(SECRET).sign("job-1:1", now, BODY.decode())
     v = Verifier.from_secrets([SECRET])
-    assert v.verify(headers("job-1:1", int(now.timestamp()), sig), BODY, now_s=now.timestamp()) == "job-1:1"
+    assert (
+        v.verify(headers("job-1:1", int(now.timestamp()), sig), BODY, now_s=now.timestamp())
+        == "job-1:1"
+    )
 
 
 def test_our_signature_verifies_with_official_library() -> None:
@@ -63,7 +75,9 @@ def test_rotation_any_secret_verifies() -> None:
     both = f"{sign(NEW_SECRET, 'a:1', NOW, BODY)} {sign(SECRET, 'a:1', NOW, BODY)}"
     assert Verifier.from_secrets([SECRET]).verify(headers("a:1", NOW, both), BODY, now_s=NOW)
     with pytest.raises(SignatureError):
-        Verifier.from_secrets([NEW_SECRET]).verify(signed_headers(SECRET, "a:1", NOW, BODY), BODY, now_s=NOW)
+        Verifier.from_secrets([NEW_SECRET]).verify(
+            signed_headers(SECRET, "a:1", NOW, BODY), BODY, now_s=NOW
+        )
 
 
 @pytest.mark.parametrize("delta", [-300, 0, 300])
@@ -88,10 +102,26 @@ MALFORMED = {
     "no timestamp": {"webhook-id": "a:1", "webhook-signature": GOOD},
     "no signature": {"webhook-id": "a:1", "webhook-timestamp": str(NOW)},
     "empty signature": headers("a:1", NOW, ""),
-    "timestamp not a number": {"webhook-id": "a:1", "webhook-timestamp": "soon", "webhook-signature": GOOD},
-    "timestamp float": {"webhook-id": "a:1", "webhook-timestamp": f"{NOW}.5", "webhook-signature": GOOD},
-    "timestamp negative": {"webhook-id": "a:1", "webhook-timestamp": "-1", "webhook-signature": GOOD},
-    "timestamp huge": {"webhook-id": "a:1", "webhook-timestamp": "9" * 40, "webhook-signature": GOOD},
+    "timestamp not a number": {
+        "webhook-id": "a:1",
+        "webhook-timestamp": "soon",
+        "webhook-signature": GOOD,
+    },
+    "timestamp float": {
+        "webhook-id": "a:1",
+        "webhook-timestamp": f"{NOW}.5",
+        "webhook-signature": GOOD,
+    },
+    "timestamp negative": {
+        "webhook-id": "a:1",
+        "webhook-timestamp": "-1",
+        "webhook-signature": GOOD,
+    },
+    "timestamp huge": {
+        "webhook-id": "a:1",
+        "webhook-timestamp": "9" * 40,
+        "webhook-signature": GOOD,
+    },
     "signature without version": headers("a:1", NOW, GOOD.split(",", 1)[1]),
     "signature wrong version": headers("a:1", NOW, GOOD.replace("v1,", "v2,")),
     "signature not base64": headers("a:1", NOW, "v1,!!!not-base64!!!"),

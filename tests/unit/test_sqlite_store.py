@@ -23,7 +23,9 @@ SPEC = JobSpec("j1", 1, "t" * 40, Repository("https://github.com/o/r.git", "main
 
 
 def store(tmp_path: Path, clock: FakeClock, worker: str = "w1") -> SqliteJobStore:
-    return SqliteJobStore(tmp_path / "db.sqlite3", clock=clock, worker_id=worker, dedupe_ttl_s=DEDUPE_MIN_S)
+    return SqliteJobStore(
+        tmp_path / "db.sqlite3", clock=clock, worker_id=worker, dedupe_ttl_s=DEDUPE_MIN_S
+    )
 
 
 def test_record_once_then_existing(tmp_path: Path) -> None:

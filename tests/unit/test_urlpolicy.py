@@ -121,8 +121,29 @@ async def test_insecure_still_needs_allowlisted_host() -> None:
 
 @pytest.mark.parametrize(
     "ref",
-    ["-u", "--upload-pack=x", "main..dev", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[", "a\\b",
-     "@", "a@{1}", "/main", "main/", "main.lock", ".hidden", "a//b", "x" * 300, "", "ma\x00in"],
+    [
+        "-u",
+        "--upload-pack=x",
+        "main..dev",
+        "a b",
+        "a~1",
+        "a^",
+        "a:b",
+        "a?",
+        "a*",
+        "a[",
+        "a\\b",
+        "@",
+        "a@{1}",
+        "/main",
+        "main/",
+        "main.lock",
+        ".hidden",
+        "a//b",
+        "x" * 300,
+        "",
+        "ma\x00in",
+    ],
 )
 def test_bad_refs_refused(ref: str) -> None:
     with pytest.raises(UrlPolicyError):
@@ -130,7 +151,8 @@ def test_bad_refs_refused(ref: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "ref", ["main", "release/1.2", "v1.0.0", "feature-x_y", "0123456789abcdef0123456789abcdef01234567"]
+    "ref",
+    ["main", "release/1.2", "v1.0.0", "feature-x_y", "0123456789abcdef0123456789abcdef01234567"],
 )
 def test_good_refs_pass(ref: str) -> None:
     assert check_ref(ref) == ref
