@@ -132,6 +132,26 @@ class _ProgressSender:
                 await self._task
 
 
+@dataclass(frozen=True)
+class RunnerDeps:
+    """What every attempt needs from the outside, injected once."""
+
+    settings: Settings
+    reporter: JobReporter
+    clock: Clock
+    metrics: Metrics
+    environ: Mapping[str, str]
+    resolver: Resolver
+    redactor: Redactor
+    policy: UrlPolicy
+
+    @property
+    def term_grace_s(self) -> float:
+        """SIGTERM→SIGKILL grace for the CLI; leaves room in the shutdown grace for the
+        final `fail` callback after the kill."""
+        return max(0.5, min(10.0, self.settings.shutdown_grace_s * 0.4))
+
+
 class JobManager:
     """Owns the job slots and the background task of every running attempt."""
 
@@ -148,15 +168,22 @@ class JobManager:
     ) -> None:
         self._settings = settings
         self._reporter = reporter
-        self._clock = clock
         self._metrics = metrics
-        self._environ = dict(environ)
-        self._resolver = resolver
+        self._clock = clock
         self._redactor = redactor
-        self._policy = UrlPolicy(
-            allowed_hosts=settings.allowed_git_hosts,
-            allow_insecure=settings.allow_insecure_git,
-            allow_private=settings.allow_private_networks,
+        self.deps = RunnerDeps(
+            settings=settings,
+            reporter=reporter,
+            clock=clock,
+            metrics=metrics,
+            environ=dict(environ),
+            resolver=resolver,
+            redactor=redactor,
+            policy=UrlPolicy(
+                allowed_hosts=settings.allowed_git_hosts,
+                allow_insecure=settings.allow_insecure_git,
+                allow_private=settings.allow_private_networks,
+            ),
         )
         self._running: dict[str, _Running] = {}
         self._draining = False
@@ -166,7 +193,7 @@ class JobManager:
 
     @property
     def policy(self) -> UrlPolicy:
-        return self._policy
+        return self.deps.policy
 
     @property
     def draining(self) -> bool:
@@ -229,10 +256,6 @@ class JobManager:
 
     # -- one attempt -------------------------------------------------------------------
 
-    def _term_grace_s(self) -> float:
-        # Leave room in the shutdown grace for the final `fail` callback after the kill.
-        return max(0.5, min(10.0, self._settings.shutdown_grace_s * 0.4))
-
     async def _run(self, run: _Running) -> None:
         spec = run.spec
         ctx = {"job_id": spec.job_id, "attempt": spec.attempt}
@@ -251,7 +274,7 @@ class JobManager:
             clone_token = claim.clone_token
             self._redactor.add(clone_token)
             log.info("job claimed", extra=ctx)
-            result = await _Pipeline(self, run, workspace, clone_token).execute()
+            result = await _Pipeline(self.deps, run, workspace, clone_token).execute()
             status = "completed"
             if result is not None:
                 code = str(result.code)
@@ -292,27 +315,25 @@ class _Pipeline:
     """The steps of one claimed attempt; returns None on success or the reported failure."""
 
     def __init__(
-        self, manager: JobManager, run: _Running, workspace: Path, clone_token: str | None
+        self, deps: RunnerDeps, run: _Running, workspace: Path, clone_token: str | None
     ) -> None:
-        self.m = manager
+        self.d = deps
         self.run = run
         self.spec = run.spec
         self.workspace = workspace
         self.clone_token = clone_token
-        s = manager._settings
+        s = deps.settings
         self.tracker = ProgressTracker(s.progress_min_interval_s, s.heartbeat_s)
-        self.sender = _ProgressSender(
-            manager._reporter, self.spec, self._superseded, manager._metrics
-        )
+        self.sender = _ProgressSender(deps.reporter, self.spec, self._superseded, deps.metrics)
         self.ctx = {"job_id": self.spec.job_id, "attempt": self.spec.attempt}
-        self.started = manager._clock.monotonic()
+        self.started = deps.clock.monotonic()
 
     def _superseded(self, reason: str | None) -> None:
         log.warning("store asked to stop the job", extra={**self.ctx, "reason": reason})
         self.run.request_stop(StopReason.CANCEL if reason == "canceled" else StopReason.SUPERSEDED)
 
     def _now(self) -> float:
-        return self.m._clock.monotonic()
+        return self.d.clock.monotonic()
 
     def _phase(self, status: JobStatus, message: str) -> None:
         self.sender.push(self.tracker.set_phase(status, message, self._now()))
@@ -351,10 +372,10 @@ class _Pipeline:
             docs = await self._steps()
         except JobFailure as exc:
             code = FailureCode(exc.code)
-            failure = Failure(code, self.m._redactor.scrub(exc.message)[:2000], RETRYABLE[code])
+            failure = Failure(code, self.d.redactor.scrub(exc.message)[:2000], RETRYABLE[code])
         finally:
             ticker.cancel()
-        flush_s = min(5.0, self.m._settings.shutdown_grace_s / 4)
+        flush_s = min(5.0, self.d.settings.shutdown_grace_s / 4)
         if self.run.reason is not None:
             # A requested stop decides the outcome, whatever the interrupted step raised.
             failure = self._stop_failure()
@@ -364,7 +385,7 @@ class _Pipeline:
         await self.sender.close(flush_s)
         if failure is None and docs is not None:
             duration_ms = int((self._now() - self.started) * 1000)
-            await self.m._reporter.complete(self.spec, len(docs), duration_ms)
+            await self.d.reporter.complete(self.spec, len(docs), duration_ms)
             log.info(
                 "job completed", extra={**self.ctx, "docs": len(docs), "duration_ms": duration_ms}
             )
@@ -374,7 +395,7 @@ class _Pipeline:
         log.warning(
             "job failed", extra={**self.ctx, "code": str(failure.code), "error": failure.message}
         )
-        await self.m._reporter.fail(self.spec, failure)
+        await self.d.reporter.fail(self.spec, failure)
         return failure
 
     def _stop_failure(self) -> Failure:
@@ -387,7 +408,7 @@ class _Pipeline:
 
     async def _steps(self) -> list[Doc] | None:
         """Clone, run, collect and upload; None when a stop was requested on the way."""
-        s = self.m._settings
+        s = self.d.settings
         repo_dir = self.workspace / "repo"
         out_dir = self.workspace / "out"
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -397,7 +418,7 @@ class _Pipeline:
         self._phase(JobStatus.CLONING, "cloning the repository")
         t0 = self._now()
         try:
-            await self.m.policy.check(self.spec.repository.url, self.m._resolver)
+            await self.d.policy.check(self.spec.repository.url, self.d.resolver)
         except UrlPolicyError as exc:
             raise JobFailure(FailureCode.CLONE_FAILED, exc.reason) from None
         await self._until_stopped(
@@ -412,7 +433,7 @@ class _Pipeline:
         )
         if self.run.stop.is_set():
             return None
-        self.m._metrics.step_duration_s.labels(step="clone").observe(self._now() - t0)
+        self.d.metrics.step_duration_s.labels(step="clone").observe(self._now() - t0)
 
         # Run the CLI.
         self._phase(JobStatus.ANALYZING, "running the Fondation CLI")
@@ -421,20 +442,20 @@ class _Pipeline:
             s.fondation_command, repo_dir=repo_dir, output_dir=out_dir, options=self.spec.options
         )
         env = process.build_env(
-            self.m._environ,
+            self.d.environ,
             allow=(*DEFAULT_CLI_ENV, *s.cli_env_passthrough),
             deny_prefixes=DENIED_ENV_PREFIXES,
         )
         step_started = {"step": 0, "at": t0}
 
         def on_line(line: str) -> None:
-            self.m._metrics.cli_output_lines.inc()
+            self.d.metrics.cli_output_lines.inc()
             now = self._now()
             update = self.tracker.feed(line, now)
             step, _ = self.tracker.current
             if step != step_started["step"]:
                 if step_started["step"]:
-                    self.m._metrics.step_duration_s.labels(
+                    self.d.metrics.step_duration_s.labels(
                         step=f"cli_{step_started['step']}"
                     ).observe(now - step_started["at"])
                 step_started.update(step=step, at=now)
@@ -446,12 +467,12 @@ class _Pipeline:
             env=env,
             cwd=self.workspace,
             timeout_s=s.job_timeout_s,
-            term_grace_s=self.m._term_grace_s(),
+            term_grace_s=self.d.term_grace_s,
             on_line=on_line,
             stop=self.run.stop,
             tail_lines=s.log_tail_lines,
         )
-        self.m._metrics.step_duration_s.labels(step="cli").observe(self._now() - t0)
+        self.d.metrics.step_duration_s.labels(step="cli").observe(self._now() - t0)
         if result.stopped or self.run.stop.is_set():
             return None
         if result.timed_out:
@@ -470,9 +491,9 @@ class _Pipeline:
         docs = await asyncio.to_thread(collect_docs, out_dir, max_doc_bytes=s.max_doc_bytes)
         if self.run.stop.is_set():
             return None
-        ack = await self.m._reporter.put_docs(self.spec, docs)
+        ack = await self.d.reporter.put_docs(self.spec, docs)
         if ack.stop:
             self._superseded(ack.reason)
             return None
-        self.m._metrics.step_duration_s.labels(step="gather").observe(self._now() - t0)
+        self.d.metrics.step_duration_s.labels(step="gather").observe(self._now() - t0)
         return docs
