@@ -152,6 +152,43 @@ class RunnerDeps:
         return max(0.5, min(10.0, self.settings.shutdown_grace_s * 0.4))
 
 
+class _StepClock:
+    """Times the CLI's steps: a metric and a log line per finished step."""
+
+    def __init__(self, metrics: Metrics, ctx: Mapping[str, object], now: float) -> None:
+        self._metrics = metrics
+        self._ctx = ctx
+        self._step = 0
+        self._total = 0
+        self._since = now
+
+    def observe(self, step: int, total: int, message: str, now: float) -> None:
+        if step == self._step:
+            return
+        self.finish(now)
+        self._step, self._total, self._since = step, total, now
+        log.info(
+            "step started",
+            extra={**self._ctx, "step": step, "total_steps": total, "step_message": message},
+        )
+
+    def finish(self, now: float) -> None:
+        if not self._step:
+            return
+        duration_s = now - self._since
+        self._metrics.step_duration_s.labels(step=f"cli_{self._step}").observe(duration_s)
+        log.info(
+            "step finished",
+            extra={
+                **self._ctx,
+                "step": self._step,
+                "total_steps": self._total,
+                "duration_s": round(duration_s, 3),
+            },
+        )
+        self._step = 0
+
+
 class JobManager:
     """Owns the job slots and the background task of every running attempt."""
 
@@ -446,19 +483,14 @@ class _Pipeline:
             allow=(*DEFAULT_CLI_ENV, *s.cli_env_passthrough),
             deny_prefixes=DENIED_ENV_PREFIXES,
         )
-        step_started = {"step": 0, "at": t0}
+        step_clock = _StepClock(self.d.metrics, self.ctx, t0)
 
         def on_line(line: str) -> None:
             self.d.metrics.cli_output_lines.inc()
             now = self._now()
             update = self.tracker.feed(line, now)
-            step, _ = self.tracker.current
-            if step != step_started["step"]:
-                if step_started["step"]:
-                    self.d.metrics.step_duration_s.labels(
-                        step=f"cli_{step_started['step']}"
-                    ).observe(now - step_started["at"])
-                step_started.update(step=step, at=now)
+            step, total = self.tracker.current
+            step_clock.observe(step, total, self.tracker.message, now)
             if update is not None:
                 self.sender.push(update)
 
@@ -472,6 +504,7 @@ class _Pipeline:
             stop=self.run.stop,
             tail_lines=s.log_tail_lines,
         )
+        step_clock.finish(self._now())
         self.d.metrics.step_duration_s.labels(step="cli").observe(self._now() - t0)
         if result.stopped or self.run.stop.is_set():
             return None

@@ -117,6 +117,11 @@ class ProgressTracker:
         return self._seq
 
     @property
+    def message(self) -> str:
+        """The current step's text (or the last phase message)."""
+        return self._message
+
+    @property
     def current(self) -> tuple[int, int]:
         return self._step, self._total
 

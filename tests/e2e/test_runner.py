@@ -328,3 +328,23 @@ def test_submit_explains_401(worker: WorkerProcess, git_server: GitHttpServer) -
     )
     assert out.returncode == 1
     assert "401" in out.stderr and "WEBHOOK_SECRET" in out.stderr
+
+
+def test_log_lines_are_json_with_job_context(
+    worker: WorkerProcess, git_server: GitHttpServer
+) -> None:
+    submit(worker, "logged", git_server.url_for("happy"))
+    worker.wait_status("logged", {"completed"}, timeout_s=60)
+    records = [json.loads(line) for line in worker.logs().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)
+    mine = [r for r in records if r.get("job_id") == "logged"]
+    msgs = [r["msg"] for r in mine]
+    assert "job claimed" in msgs and "job completed" in msgs
+    assert all(r["attempt"] == 1 for r in mine)
+    steps = [r for r in mine if r["msg"] == "step finished"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(r["duration_s"] >= 0 and r["total_steps"] == 6 for r in steps)
+    finished = next(r for r in mine if r["msg"] == "job finished")
+    assert finished["status"] == "completed" and finished["duration_s"] > 0
+    hook = next(r for r in records if r["msg"] == "webhook" and r["webhook_id"] == "logged:1")
+    assert hook["outcome"] == "accepted" and hook["http_status"] == 202 and "ack_ms" in hook
