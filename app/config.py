@@ -69,6 +69,9 @@ class Settings:
     log_level: str = "INFO"
     cli_env_passthrough: tuple[str, ...] = ()
     log_tail_lines: int = 40
+    cockpit_metrics_url: str | None = None
+    cockpit_token: str | None = field(default=None, repr=False)
+    metrics_push_interval_s: float = 60.0
 
     @property
     def embedded(self) -> bool:
@@ -81,7 +84,7 @@ class Settings:
 
     def secret_values(self) -> tuple[str, ...]:
         """Every secret the worker holds, for redaction checks."""
-        return self.webhook_secrets
+        return (*self.webhook_secrets, *((self.cockpit_token,) if self.cockpit_token else ()))
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -155,5 +158,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         port=_get(env, "PORT", 8080, _positive(int)),
         log_level=_get(env, "LOG_LEVEL", "INFO", str.upper),
         cli_env_passthrough=_get(env, "CLI_ENV_PASSTHROUGH", (), _csv),
+        cockpit_metrics_url=_get(env, "COCKPIT_METRICS_URL", None, str),
+        cockpit_token=_get(env, "COCKPIT_TOKEN", None, str),
+        metrics_push_interval_s=_get(env, "METRICS_PUSH_INTERVAL_S", 60.0, _positive(float)),
     )
+    if (settings.cockpit_metrics_url is None) != (settings.cockpit_token is None):
+        raise ConfigError("COCKPIT_METRICS_URL", "set together with COCKPIT_TOKEN, or neither")
     return settings

@@ -26,6 +26,7 @@ from app.logs import Redactor
 from app.metrics import Metrics, create_metrics
 from app.routes import Problem, Services, problem_response, routes
 from app.signing import Verifier
+from app.telemetry import MetricsPusher
 from app.urlpolicy import Resolver, system_resolver
 
 log = logging.getLogger("fondation.main")
@@ -94,6 +95,18 @@ def create_app(
                     extra={"job_id": job.job_id, "attempt": job.attempt},
                 )
         pruner = asyncio.create_task(_prune_forever(store))
+        pusher: asyncio.Task[None] | None = None
+        if settings.cockpit_metrics_url and settings.cockpit_token:
+            pusher = asyncio.create_task(
+                MetricsPusher(
+                    metrics.registry,
+                    url=settings.cockpit_metrics_url,
+                    token=settings.cockpit_token,
+                    instance=settings.worker_id,
+                    interval_s=settings.metrics_push_interval_s,
+                    clock=clock,
+                ).run()
+            )
         log.info(
             "worker ready",
             extra={
@@ -108,6 +121,9 @@ def create_app(
             pruner.cancel()
             if not manager.draining or manager.running_count:
                 await manager.drain(settings.shutdown_grace_s)
+            if pusher is not None:  # after the drain, so the final job outcomes are pushed
+                pusher.cancel()
+                await asyncio.gather(pusher, return_exceptions=True)
             close = getattr(reporter, "aclose", None)
             if close is not None:
                 await close()
