@@ -122,7 +122,8 @@ def _positive(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from an environment mapping; raises `ConfigError` on a bad value."""
-    data_dir = _get(env, "DATA_DIR", Path("var"), Path)
+    # Absolute at once: git and the CLI run in other working directories.
+    data_dir = _get(env, "DATA_DIR", Path("var"), Path).absolute()
     secrets: tuple[str, ...] = _get(env, "WEBHOOK_SECRETS", (), _csv)
     for secret in secrets:
         if not secret.startswith("whsec_"):
@@ -142,7 +143,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         allow_private_networks=_get(env, "ALLOW_PRIVATE_NETWORKS", False, _bool),
         dedupe_ttl_s=max(DEDUPE_MIN_S, _get(env, "DEDUPE_TTL_S", DEDUPE_MIN_S, _positive(int))),
         data_dir=data_dir,
-        work_dir=_get(env, "WORK_DIR", data_dir / "work", Path),
+        work_dir=_get(env, "WORK_DIR", data_dir / "work", Path).absolute(),
         convex_url=convex_url,
         fondation_command=_get(env, "FONDATION_COMMAND", DEFAULT_COMMAND, str),
         job_timeout_s=_get(env, "JOB_TIMEOUT_S", 3600.0, _positive(float)),
