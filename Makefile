@@ -30,7 +30,9 @@ run: $(STAMP) $(DEV_SECRET)
 	  echo "using the real fondation CLI: $$(command -v fondation)"; \
 	else \
 	  echo "fondation CLI not found: using the SIMULATOR (fondation-simulator); set FONDATION_COMMAND to change"; \
-	  export FONDATION_COMMAND="$${FONDATION_COMMAND:-$(CURDIR)/$(BIN)/fondation-simulator analyze {repo_dir} --output-dir {output_dir} --profile production}"; \
+	  if [ -z "$${FONDATION_COMMAND:-}" ]; then \
+	    export FONDATION_COMMAND='$(CURDIR)/$(BIN)/fondation-simulator analyze {repo_dir} --output-dir {output_dir} --profile production'; \
+	  fi; \
 	fi; \
 	export WEBHOOK_SECRETS="$${WEBHOOK_SECRETS:-$$(cat $(DEV_SECRET))}"; \
 	export PATH="$(CURDIR)/$(BIN):$$PATH"; \
