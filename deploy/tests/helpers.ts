@@ -22,7 +22,13 @@ export function setupEnv(overrides: Record<string, string> = {}): void {
   for (const [k, v] of Object.entries(env)) vi.stubEnv(k, v);
 }
 
-export type Sent = { url: string; headers: Record<string, string>; body: string; json: any };
+export type Sent = {
+  url: string;
+  headers: Record<string, string>;
+  body: string;
+  json: any;
+  signal?: AbortSignal | null;
+};
 
 /**
  * Replace `fetch` with a fake worker. `answer` decides each response; every request is recorded.
@@ -30,10 +36,11 @@ export type Sent = { url: string; headers: Record<string, string>; body: string;
 export function fakeWorker(answer: (req: Sent) => Response | Promise<Response> = () => accepted()) {
   const sent: Sent[] = [];
   const fetchMock = vi.fn(async (input: RequestInfo | URL, init?: RequestInit) => {
+    init?.signal?.throwIfAborted();
     const headers: Record<string, string> = {};
     new Headers(init?.headers).forEach((value, key) => (headers[key] = value));
     const body = String(init?.body ?? "");
-    const req = { url: String(input), headers, body, json: JSON.parse(body) };
+    const req = { url: String(input), headers, body, json: JSON.parse(body), signal: init?.signal };
     sent.push(req);
     return await answer(req);
   });
@@ -74,15 +81,27 @@ export async function createAndDispatch(
 }
 
 /**
- * Let scheduled functions due within `ms` run (fake timers): timers fire, then we wait for the
- * functions they started, a few rounds so chains (pump -> deliver -> recordOutcome) finish.
+ * Run, under fake timers, every scheduled function due within `ms` from now, including the ones
+ * they schedule in turn. Jumps the clock from due time to due time rather than all at once,
+ * because functions do real async work (Web Crypto) and compute their delays from "now".
  */
 export async function settle(t: T, ms = 0): Promise<void> {
-  await vi.advanceTimersByTimeAsync(ms);
-  for (let i = 0; i < 6; i++) {
+  // convex-test stamps transactions 1 ms apart, so a function's "now" may trail ours slightly.
+  const target = Date.now() + ms + 5;
+  for (let i = 0; i < 200; i++) {
     await t.finishInProgressScheduledFunctions();
-    await vi.advanceTimersByTimeAsync(0);
+    const scheduled = await t.run(async (ctx) => ctx.db.system.query("_scheduled_functions").collect());
+    const next = Math.min(
+      ...scheduled.filter((f) => f.state.kind === "pending").map((f) => f.scheduledTime),
+    );
+    if (next > target) {
+      if (Date.now() >= target) return;
+      await vi.advanceTimersByTimeAsync(target - Date.now());
+      continue;
+    }
+    await vi.advanceTimersByTimeAsync(Math.max(1, next - Date.now() + 1));
   }
+  throw new Error("settle: scheduled functions keep coming");
 }
 
 export async function job(t: T, jobId: Id<"jobs">) {
