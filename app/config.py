@@ -72,6 +72,7 @@ class Settings:
     cockpit_metrics_url: str | None = None
     cockpit_token: str | None = field(default=None, repr=False)
     metrics_push_interval_s: float = 60.0
+    lease_s: float = 60.0
 
     @property
     def embedded(self) -> bool:
@@ -162,6 +163,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         cockpit_metrics_url=_get(env, "COCKPIT_METRICS_URL", None, str),
         cockpit_token=_get(env, "COCKPIT_TOKEN", None, str),
         metrics_push_interval_s=_get(env, "METRICS_PUSH_INTERVAL_S", 60.0, _positive(float)),
+        lease_s=_get(env, "LEASE_S", 60.0, _positive(float)),
     )
     if (settings.cockpit_metrics_url is None) != (settings.cockpit_token is None):
         raise ConfigError("COCKPIT_METRICS_URL", "set together with COCKPIT_TOKEN, or neither")

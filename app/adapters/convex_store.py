@@ -67,7 +67,6 @@ class ConvexJobStore:
         clock: Clock,
         metrics: Metrics,
         transport: httpx.AsyncBaseTransport | None = None,
-        lease_s: float = 60.0,
         rng: random.Random | None = None,
     ) -> None:
         assert settings.convex_url is not None
@@ -75,7 +74,7 @@ class ConvexJobStore:
         self._worker_id = settings.worker_id
         self._clock = clock
         self._metrics = metrics
-        self._lease_s = lease_s
+        self._lease_s = settings.lease_s
         self._rng = rng or random.Random()  # jitter, not crypto
         self._client = httpx.AsyncClient(
             base_url=self._url,

@@ -1,0 +1,219 @@
+"""The Convex functions under convex-test, served over the Convex HTTP API on 127.0.0.1.
+
+Starts `deploy/bridge/server.ts` (Node, via tsx) and offers the calls tests need: the UI's
+mutations and queries, test-only access to tables and internal functions, and a switch that
+makes the bridge unreachable (a TCP proxy in front of it refuses connections)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.worker import REPO_ROOT
+
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def node_ready() -> bool:
+    return shutil.which("node") is not None and (DEPLOY / "node_modules" / ".bin" / "tsx").exists()
+
+
+class ConvexBridge:
+    def __init__(self, log_path: Path, **env: Any) -> None:
+        self.log_path = log_path
+        self.env = {**os.environ, "PORT": "0", **{k: str(v) for k, v in env.items()}}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 60.0) -> ConvexBridge:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(DEPLOY / "node_modules" / ".bin" / "tsx"), "bridge/server.ts"],
+            cwd=DEPLOY,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        log.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        line = b""
+        # The first stdout line announces the address; read it with a bounded wait.
+        reader = threading.Thread(
+            target=lambda: setattr(self, "_first", self.proc.stdout.readline())
+        )  # type: ignore[union-attr]
+        reader.start()
+        reader.join(timeout=max(0.0, deadline - time.monotonic()))
+        line = getattr(self, "_first", b"")
+        if not line.startswith(b"bridge listening on "):
+            self.stop()
+            raise RuntimeError(f"bridge did not start: {line!r}\n{self.logs()}")
+        self.url = line.decode().split("on ", 1)[1].strip()
+        # Drain the rest of stdout so the bridge never blocks on a full pipe.
+        threading.Thread(target=self._drain, daemon=True).start()
+        return self
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with self.log_path.open("ab") as log:
+            for chunk in iter(lambda: self.proc.stdout.read(4096), b""):  # type: ignore[union-attr]
+                log.write(chunk)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def __enter__(self) -> ConvexBridge:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- Convex HTTP API -----------------------------------------------------------------
+
+    def _api(self, kind: str, path: str, args: dict[str, Any]) -> Any:
+        r = httpx.post(
+            f"{self.url}/api/{kind}",
+            json={"path": path, "args": args, "format": "json"},
+            timeout=30,
+        )
+        doc = r.json()
+        if doc.get("status") != "success":
+            raise RuntimeError(f"{path}: {doc}")
+        return doc["value"]
+
+    def mutation(self, path: str, args: dict[str, Any]) -> Any:
+        return self._api("mutation", path, args)
+
+    def query(self, path: str, args: dict[str, Any]) -> Any:
+        return self._api("query", path, args)
+
+    def run(self, path: str, args: dict[str, Any] | None = None) -> Any:
+        r = httpx.post(
+            f"{self.url}/__test/run", json={"path": path, "args": args or {}}, timeout=30
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def table(self, name: str) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.url}/__test/table/{name}", timeout=30)
+        r.raise_for_status()
+        rows: list[dict[str, Any]] = r.json()
+        return rows
+
+    def calls(self) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.url}/__test/calls", timeout=30)
+        r.raise_for_status()
+        out: list[dict[str, Any]] = r.json()
+        return out
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.query("fondation:get", {"jobId": job_id})  # type: ignore[no-any-return]
+
+    def wait_job(self, job_id: str, statuses: set[str], timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.job(job_id) or {}
+            if job.get("status") in statuses:
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} never reached {statuses}: {job}\n{self.logs()[-3000:]}")
+
+
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 in front of `target_port`; `down()` makes it refuse new
+    connections and cut open ones (Convex unreachable), `up()` restores it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener: socket.socket | None = None
+        self.port = 0
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.refused = 0
+
+    def start(self) -> FlakyProxy:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(128)
+        s.settimeout(0.2)
+        self._listener = s
+        self.port = int(s.getsockname()[1])
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+        return self
+
+    def down(self) -> None:
+        """Close the listener (new connections are refused) and every open connection."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for c in self._conns:
+                with contextlib.suppress(OSError):
+                    c.close()
+            self._conns.clear()
+
+    def up(self) -> None:
+        self.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                assert self._listener is not None
+                client, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
