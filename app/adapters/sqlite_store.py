@@ -278,6 +278,28 @@ class SqliteJobStore:
             (job_id, attempt, kind, json.dumps(data), self._clock.now()),
         )
 
+    def _update(self, db: sqlite3.Connection, job_id: str, attempt: int, **columns: object) -> None:
+        """Set job columns (names are code constants, never input) and `updated_at`."""
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        db.execute(
+            f"UPDATE jobs SET {assignments}, updated_at = ? "  # noqa: S608
+            "WHERE job_id = ? AND attempt = ?",
+            (*columns.values(), self._clock.now(), job_id, attempt),
+        )
+
+    def _set_status(
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        attempt: int,
+        status: JobStatus,
+        event: dict[str, Any],
+        **columns: object,
+    ) -> None:
+        """Move a job to `status` and record the status event in the same transaction."""
+        self._update(db, job_id, attempt, status=str(status), **columns)
+        self._event(db, job_id, attempt, "status", {"status": str(status), **event})
+
     # -- deliveries ---------------------------------------------------------------------
 
     def lookup_delivery(self, webhook_id: str) -> Delivery | None:
@@ -430,7 +452,6 @@ class SqliteJobStore:
         """Mark this worker's unfinished jobs from an earlier process as failed/interrupted:
         in embedded mode nobody else would ever finish them."""
         placeholders = ",".join("?" for _ in _ACTIVE)
-        now = self._clock.now()
         with self._tx() as db:
             rows = db.execute(
                 f"SELECT * FROM jobs WHERE status IN ({placeholders}) "  # noqa: S608
@@ -438,24 +459,15 @@ class SqliteJobStore:
                 (*_ACTIVE, self._worker_id),
             ).fetchall()
             for r in rows:
-                db.execute(
-                    """UPDATE jobs SET status = ?, error_code = ?, error_message = ?,
-                       retryable = 1, updated_at = ? WHERE job_id = ? AND attempt = ?""",
-                    (
-                        JobStatus.FAILED,
-                        FailureCode.INTERRUPTED,
-                        "the worker stopped before the job finished",
-                        now,
-                        r["job_id"],
-                        r["attempt"],
-                    ),
-                )
-                self._event(
+                self._set_status(
                     db,
                     r["job_id"],
                     r["attempt"],
-                    "status",
-                    {"status": "failed", "code": "interrupted", "retryable": True},
+                    JobStatus.FAILED,
+                    {"code": "interrupted", "retryable": True},
+                    error_code=str(FailureCode.INTERRUPTED),
+                    error_message="the worker stopped before the job finished",
+                    retryable=1,
                 )
         return [_row_to_view(r) for r in rows]
 
@@ -469,7 +481,6 @@ class SqliteJobStore:
         return None if row is None else (row["status"], row["claimed_by"])
 
     async def claim(self, spec: JobSpec) -> ClaimResult:
-        now = self._clock.now()
         with self._tx() as db:
             state = self._status(db, spec)
             if state is None:
@@ -479,17 +490,13 @@ class SqliteJobStore:
                 return ClaimResult(ok=False, reason="final")
             if owner is not None and owner != self._worker_id:
                 return ClaimResult(ok=False, reason="already_claimed")
-            db.execute(
-                """UPDATE jobs SET status = ?, claimed_by = ?, updated_at = ?
-                   WHERE job_id = ? AND attempt = ?""",
-                (JobStatus.CLAIMED, self._worker_id, now, spec.job_id, spec.attempt),
-            )
-            self._event(
+            self._set_status(
                 db,
                 spec.job_id,
                 spec.attempt,
-                "status",
-                {"status": "claimed", "workerId": self._worker_id},
+                JobStatus.CLAIMED,
+                {"workerId": self._worker_id},
+                claimed_by=self._worker_id,
             )
         return ClaimResult(ok=True)
 
@@ -505,19 +512,15 @@ class SqliteJobStore:
                 return CallbackAck(stop=True, reason="final")
             if update.seq <= row["seq"]:
                 return CallbackAck()  # stale: ignored, as Convex does
-            db.execute(
-                """UPDATE jobs SET status = ?, seq = ?, current_step = ?, total_steps = ?,
-                   message = ?, updated_at = ? WHERE job_id = ? AND attempt = ?""",
-                (
-                    update.status,
-                    update.seq,
-                    update.current_step,
-                    update.total_steps,
-                    update.message,
-                    self._clock.now(),
-                    spec.job_id,
-                    spec.attempt,
-                ),
+            self._update(
+                db,
+                spec.job_id,
+                spec.attempt,
+                status=str(update.status),
+                seq=update.seq,
+                current_step=update.current_step,
+                total_steps=update.total_steps,
+                message=update.message,
             )
             self._event(
                 db,
@@ -563,75 +566,45 @@ class SqliteJobStore:
 
     async def complete(self, spec: JobSpec, docs_count: int, duration_ms: int) -> None:
         with self._tx() as db:
-            db.execute(
-                """UPDATE jobs SET status = ?, docs_count = ?, duration_ms = ?, message = ?,
-                   updated_at = ? WHERE job_id = ? AND attempt = ?""",
-                (
-                    JobStatus.COMPLETED,
-                    docs_count,
-                    duration_ms,
-                    "completed",
-                    self._clock.now(),
-                    spec.job_id,
-                    spec.attempt,
-                ),
-            )
-            self._event(
+            self._set_status(
                 db,
                 spec.job_id,
                 spec.attempt,
-                "status",
-                {"status": "completed", "docsCount": docs_count, "durationMs": duration_ms},
+                JobStatus.COMPLETED,
+                {"docsCount": docs_count, "durationMs": duration_ms},
+                docs_count=docs_count,
+                duration_ms=duration_ms,
+                message="completed",
             )
 
     async def fail(self, spec: JobSpec, failure: Failure) -> None:
         status = JobStatus.CANCELED if failure.code is FailureCode.CANCELED else JobStatus.FAILED
         with self._tx() as db:
-            db.execute(
-                """UPDATE jobs SET status = ?, error_code = ?, error_message = ?, retryable = ?,
-                   updated_at = ? WHERE job_id = ? AND attempt = ?""",
-                (
-                    status,
-                    failure.code,
-                    failure.message,
-                    int(failure.retryable),
-                    self._clock.now(),
-                    spec.job_id,
-                    spec.attempt,
-                ),
-            )
-            self._event(
+            self._set_status(
                 db,
                 spec.job_id,
                 spec.attempt,
-                "status",
+                status,
                 {
-                    "status": str(status),
                     "code": str(failure.code),
                     "message": failure.message,
                     "retryable": failure.retryable,
                 },
+                error_code=str(failure.code),
+                error_message=failure.message,
+                retryable=int(failure.retryable),
             )
 
     async def mark_dropped(self, spec: JobSpec, reason: str | None) -> None:
         """The upstream store refused the claim: the job runs elsewhere, not here."""
         with self._tx() as db:
-            db.execute(
-                """UPDATE jobs SET status = ?, error_code = ?, error_message = ?, retryable = 0,
-                   updated_at = ? WHERE job_id = ? AND attempt = ?""",
-                (
-                    JobStatus.FAILED,
-                    "not_claimed",
-                    f"claim refused upstream ({reason}); the job is not run by this worker",
-                    self._clock.now(),
-                    spec.job_id,
-                    spec.attempt,
-                ),
-            )
-            self._event(
+            self._set_status(
                 db,
                 spec.job_id,
                 spec.attempt,
-                "status",
-                {"status": "failed", "code": "not_claimed", "reason": reason},
+                JobStatus.FAILED,
+                {"code": "not_claimed", "reason": reason},
+                error_code="not_claimed",
+                error_message=f"claim refused upstream ({reason}); not run by this worker",
+                retryable=0,
             )

@@ -11,21 +11,23 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.gitserver import StallingServer
 from tests.support.signing import SECRET, cancel_body, headers_for, start_body
-from tests.support.stall import StallServer
 from tests.support.worker import WorkerProcess, base_env
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def stall() -> Iterator[StallServer]:
-    with StallServer() as s:
+def stall() -> Iterator[StallingServer]:
+    with StallingServer() as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory, stall: StallServer) -> Iterator[WorkerProcess]:
+def worker(
+    tmp_path_factory: pytest.TempPathFactory, stall: StallingServer
+) -> Iterator[WorkerProcess]:
     tmp = tmp_path_factory.mktemp("intake")
     w = WorkerProcess(
         base_env(tmp, MAX_CONCURRENT_JOBS="2", MAX_BODY_BYTES="4096", RETRY_AFTER_S="9"),
@@ -49,8 +51,8 @@ def assert_problem(r: httpx.Response, status: int) -> None:
     assert "Traceback" not in r.text
 
 
-def test_rows_start_duplicate_conflict_cancel(worker: WorkerProcess, stall: StallServer) -> None:
-    body = start_body("row1", stall.url())
+def test_rows_start_duplicate_conflict_cancel(worker: WorkerProcess, stall: StallingServer) -> None:
+    body = start_body("row1", stall.url_for("repo"))
     r = post(worker, body, "row1:1")
     assert r.status_code == 202 and r.json() == {
         "jobId": "row1",
@@ -59,15 +61,17 @@ def test_rows_start_duplicate_conflict_cancel(worker: WorkerProcess, stall: Stal
     }
     r = post(worker, body, "row1:1")
     assert r.status_code == 200 and r.json()["duplicate"] is True
-    assert_problem(post(worker, start_body("row1", stall.url(), ref="other"), "row1:1"), 422)
+    assert_problem(
+        post(worker, start_body("row1", stall.url_for("repo"), ref="other"), "row1:1"), 422
+    )
     r = post(worker, cancel_body("row1"), "row1:1:cancel")
     assert r.status_code == 202
     done = worker.wait_status("row1", {"canceled"}, timeout_s=20)
     assert done["error"]["code"] == "canceled"
 
 
-def test_rows_401(worker: WorkerProcess, stall: StallServer) -> None:
-    body = start_body("r401", stall.url())
+def test_rows_401(worker: WorkerProcess, stall: StallingServer) -> None:
+    body = start_body("r401", stall.url_for("repo"))
     h = headers_for(body, "r401:1")
     for bad in (
         {k: v for k, v in h.items() if k != "webhook-signature"},
@@ -81,9 +85,9 @@ def test_rows_401(worker: WorkerProcess, stall: StallServer) -> None:
     assert httpx.get(f"{worker.url}/v1/jobs/r401").status_code == 404
 
 
-def test_rows_400_415_422(worker: WorkerProcess, stall: StallServer) -> None:
+def test_rows_400_415_422(worker: WorkerProcess, stall: StallingServer) -> None:
     assert_problem(post(worker, b"this is not json", "x:1"), 400)
-    body = start_body("r415", stall.url())
+    body = start_body("r415", stall.url_for("repo"))
     h = {**headers_for(body, "r415:1"), "content-type": "application/x-www-form-urlencoded"}
     assert_problem(httpx.post(f"{worker.url}/v1/webhooks", content=body, headers=h), 415)
     assert_problem(post(worker, b'{"type":"job.nope","data":{}}', "x:1"), 422)
@@ -119,11 +123,14 @@ def test_row_413_without_reading_past_the_limit(worker: WorkerProcess) -> None:
     assert r.status_code == 413
 
 
-def test_row_503_when_slots_full(worker: WorkerProcess, stall: StallServer) -> None:
+def test_row_503_when_slots_full(worker: WorkerProcess, stall: StallingServer) -> None:
     # Two stalled clones hold both slots.
     for i in range(2):
-        assert post(worker, start_body(f"full{i}", stall.url()), f"full{i}:1").status_code == 202
-    r = post(worker, start_body("full2", stall.url()), "full2:1")
+        assert (
+            post(worker, start_body(f"full{i}", stall.url_for("repo")), f"full{i}:1").status_code
+            == 202
+        )
+    r = post(worker, start_body("full2", stall.url_for("repo")), "full2:1")
     assert_problem(r, 503)
     assert r.headers["retry-after"] == "9"
     for i in range(2):
@@ -131,13 +138,13 @@ def test_row_503_when_slots_full(worker: WorkerProcess, stall: StallServer) -> N
     for i in range(2):
         worker.wait_status(f"full{i}", {"canceled"}, timeout_s=20)
     # Nothing was kept of the refused delivery: its redelivery is a new job now.
-    assert post(worker, start_body("full2", stall.url()), "full2:1").status_code == 202
+    assert post(worker, start_body("full2", stall.url_for("repo")), "full2:1").status_code == 202
     post(worker, cancel_body("full2"), "full2:1:cancel")
     worker.wait_status("full2", {"canceled"}, timeout_s=20)
 
 
-def test_fifty_concurrent_duplicates_one_job(worker: WorkerProcess, stall: StallServer) -> None:
-    body = start_body("conc", stall.url())
+def test_fifty_concurrent_duplicates_one_job(worker: WorkerProcess, stall: StallingServer) -> None:
+    body = start_body("conc", stall.url_for("repo"))
     h = headers_for(body, "conc:1")
     with httpx.Client(timeout=20) as client, concurrent.futures.ThreadPoolExecutor(50) as pool:
         codes = list(
@@ -156,9 +163,9 @@ def test_fifty_concurrent_duplicates_one_job(worker: WorkerProcess, stall: Stall
     worker.wait_status("conc", {"canceled"}, timeout_s=20)
 
 
-def test_replay_after_restart(tmp_path: Path, stall: StallServer) -> None:
+def test_replay_after_restart(tmp_path: Path, stall: StallingServer) -> None:
     env = base_env(tmp_path)
-    body = start_body("again", stall.url())
+    body = start_body("again", stall.url_for("repo"))
     w = WorkerProcess(env, tmp_path / "w1.log").start()
     try:
         assert post(w, body, "again:1").status_code == 202
@@ -175,7 +182,9 @@ def test_replay_after_restart(tmp_path: Path, stall: StallServer) -> None:
             "status": "canceled",
             "duplicate": True,
         }
-        assert_problem(post(w2, start_body("again", stall.url(), ref="x"), "again:1"), 422)
+        assert_problem(
+            post(w2, start_body("again", stall.url_for("repo"), ref="x"), "again:1"), 422
+        )
     finally:
         w2.stop()
 
