@@ -59,7 +59,7 @@ export const create = mutation({
       ref: args.ref,
       options: args.options,
       priority,
-      queueRank: -priority,
+      queueRank: priority === 0 ? 0 : -priority, // no -0: it would sort apart from 0
       progress: 0,
       currentStep: 0,
       totalSteps: 0,
