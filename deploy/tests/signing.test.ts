@@ -60,3 +60,21 @@ describe("signing helpers", () => {
     expect(a).not.toBe(b);
   });
 });
+
+describe("interop with the standardwebhooks npm package", () => {
+  it("signs what it signs and verifies what it verifies", async () => {
+    const { Webhook } = await import("standardwebhooks");
+    const secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const wh = new Webhook(secret);
+    const body = JSON.stringify({ type: "job.start", data: { unicode: "café ☃ 😀" } });
+    const ts = Math.floor(Date.now() / 1000);
+    const ours = await sign(secret, "j1:1", ts, body);
+    expect(wh.sign("j1:1", new Date(ts * 1000), body)).toBe(ours);
+    expect(() =>
+      wh.verify(body, { "webhook-id": "j1:1", "webhook-timestamp": String(ts), "webhook-signature": ours }),
+    ).not.toThrow();
+    expect(() =>
+      wh.verify(`${body} `, { "webhook-id": "j1:1", "webhook-timestamp": String(ts), "webhook-signature": ours }),
+    ).toThrow();
+  });
+});
