@@ -53,7 +53,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
 js-test: deploy/node_modules/.installed
-	cd deploy && npm test
+	cd deploy && npm run typecheck && npm test
 
 ## Run every test: lint, type checks, Python tests (unit, app, end to end) and the Convex tests.
 test: lint pytest js-test
