@@ -45,8 +45,10 @@ export const create = mutation({
       throw new ConvexError({ code: "invalid_ref", message: "ref must be a non-empty name not starting with '-'" });
     }
     const priority = args.priority ?? 0;
-    if (!Number.isFinite(priority)) {
-      throw new ConvexError({ code: "invalid_priority", message: "priority must be a finite number" });
+    // The worker accepts integers in ±1e6 only (its webhook schema); anything else would
+    // come back as a 422 and kill the job, so refuse it here, where the UI can show why.
+    if (!Number.isInteger(priority) || Math.abs(priority) > 1_000_000) {
+      throw new ConvexError({ code: "invalid_priority", message: "priority must be an integer within ±1000000" });
     }
     const maxAttempts = Math.min(
       MAX_ATTEMPTS_CAP,

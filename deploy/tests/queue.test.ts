@@ -25,6 +25,9 @@ describe("create", () => {
     const t = newT();
     await expect(t.mutation(api.fondation.create, { repositoryUrl: "file:///etc" })).rejects.toThrow(/repositoryUrl/);
     await expect(t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", ref: "--upload-pack=x" })).rejects.toThrow(/ref/);
+    // The worker's schema takes integer priorities within ±1e6 only.
+    await expect(t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", priority: 1.5 })).rejects.toThrow(/priority/);
+    await expect(t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", priority: 2e6 })).rejects.toThrow(/priority/);
     await expect(
       // @ts-expect-error: validators refuse unknown option keys
       t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", options: { evil: 1 } }),
