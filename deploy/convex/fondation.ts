@@ -44,6 +44,16 @@ export const create = mutation({
     if (args.ref !== undefined && (args.ref === "" || args.ref.startsWith("-") || args.ref.length > 255)) {
       throw new ConvexError({ code: "invalid_ref", message: "ref must be a non-empty name not starting with '-'" });
     }
+    // Same rules as the worker's webhook schema (app/payload.py), so a job it would refuse
+    // with a 422 (and so end `dead`) is refused here instead.
+    const model = args.options?.model;
+    if (model !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$/.test(model)) {
+      throw new ConvexError({ code: "invalid_model", message: "options.model is not a valid model name" });
+    }
+    const steps = args.options?.steps;
+    if (steps !== undefined && (steps.length > 16 || !steps.every((s) => /^[a-z][a-z0-9_-]{0,31}$/.test(s)))) {
+      throw new ConvexError({ code: "invalid_steps", message: "options.steps must be at most 16 step names" });
+    }
     const priority = args.priority ?? 0;
     // The worker accepts integers in ±1e6 only (its webhook schema); anything else would
     // come back as a 422 and kill the job, so refuse it here, where the UI can show why.

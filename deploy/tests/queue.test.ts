@@ -29,6 +29,12 @@ describe("create", () => {
     await expect(t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", priority: 1.5 })).rejects.toThrow(/priority/);
     await expect(t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", priority: 2e6 })).rejects.toThrow(/priority/);
     await expect(
+      t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", options: { model: "x; rm -rf /" } }),
+    ).rejects.toThrow(/model/);
+    await expect(
+      t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", options: { steps: ["--evil"] } }),
+    ).rejects.toThrow(/steps/);
+    await expect(
       // @ts-expect-error: validators refuse unknown option keys
       t.mutation(api.fondation.create, { repositoryUrl: "https://x/y", options: { evil: 1 } }),
     ).rejects.toThrow();
