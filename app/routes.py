@@ -6,15 +6,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from app.adapters.sqlite_store import Delivery, SqliteJobStore
+from app.adapters.sqlite_store import Delivery, JobView, SqliteJobStore
 from app.clock import Clock
 from app.config import Settings
 from app.domain import CancelRequest, JobSpec, JobStatus
@@ -238,11 +237,15 @@ def _embedded_only(services: Services) -> None:
         raise Problem(404, "not-found", "Not Found", "the job API serves the embedded store only")
 
 
-def _guard(handler: Any) -> Any:
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _guard(handler: Handler) -> Handler:
+    """Render a `Problem` raised by a handler as its RFC 9457 response."""
+
     async def wrapped(request: Request) -> Response:
         try:
-            response: Response = await handler(request)
-            return response
+            return await handler(request)
         except Problem as p:
             return problem_response(p)
 
@@ -263,7 +266,7 @@ async def list_jobs(request: Request) -> Response:
     return JSONResponse({"jobs": [j.to_json() for j in jobs]})
 
 
-def _job_or_404(services: Services, job_id: str) -> Any:
+def _job_or_404(services: Services, job_id: str) -> JobView:
     job = services.store.get_job(job_id)
     if job is None:
         raise Problem(404, "unknown-job", "Not Found", f"no job {job_id!r}")
