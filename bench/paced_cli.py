@@ -1,0 +1,47 @@
+"""A CLI for the progress benchmark: prints `--lines` log lines evenly over `--seconds` (in
+batches every 10 ms) under one step line, then runs the simulator with the remaining
+arguments to write the real output layout. `--lines 0` is the silent run of the same length.
+
+    python bench/paced_cli.py --lines 100000 --seconds 10 -- analyze REPO --output-dir OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from app import simulator
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lines", type=int, required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    args = p.parse_args()
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    out = sys.stdout
+    out.write("[FONDATION_STEP_1/2] paced output\n")
+    out.flush()
+    start = time.monotonic()
+    ticks = max(1, int(args.seconds / 0.01))
+    written = 0
+    for tick in range(1, ticks + 1):
+        target = args.lines * tick // ticks
+        if target > written:
+            out.write(
+                "".join(f"paced line {n}: simulated tool output\n" for n in range(written, target))
+            )
+            out.flush()
+            written = target
+        delay = start + tick * args.seconds / ticks - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    out.write("[FONDATION_STEP_2/2] writing the course\n")
+    out.flush()
+    return simulator.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
