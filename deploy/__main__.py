@@ -1,0 +1,186 @@
+"""`python -m deploy`: create or update the worker's Scaleway Serverless Container.
+
+Exit status: 0 deployed (or unchanged), 1 the deploy failed (API error, container not ready),
+2 bad arguments or missing credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from scaleway_core.api import ScalewayException
+
+from deploy.scaleway import (
+    MAX_TIMEOUT_S,
+    Deployer,
+    DeployError,
+    DeploySpec,
+    api_error_message,
+    make_client,
+    plan,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m deploy",
+        description="Create or update the fondation-worker Serverless Container on Scaleway.",
+    )
+    p.add_argument("--namespace", required=True, help="container namespace name (exact match)")
+    p.add_argument("--container", required=True, help="container name (exact match)")
+    img = p.add_mutually_exclusive_group(required=True)
+    img.add_argument("--image", help="full image reference, e.g. rg.fr-par.scw.cloud/ns/img:tag")
+    img.add_argument(
+        "--registry",
+        help="registry namespace endpoint, e.g. rg.fr-par.scw.cloud/ns; the image is "
+        "<registry>/<--image-name>:<git short sha> (an immutable tag, so an update rolls out)",
+    )
+    p.add_argument("--image-name", default="fondation-worker", help="with --registry")
+    p.add_argument("--region", default=None, help="default: SCW_DEFAULT_REGION or fr-par")
+    p.add_argument("--min-scale", type=int, default=None, help="default: --max-scale (1)")
+    p.add_argument("--max-scale", type=int, default=None, help="default: --min-scale (1)")
+    p.add_argument("--memory-mb", type=int, default=2048)
+    p.add_argument("--cpu-mvcpu", type=int, default=1120)
+    p.add_argument("--timeout-s", type=int, default=MAX_TIMEOUT_S, help="<= 3600")
+    p.add_argument("--local-storage-mb", type=int, default=5120)
+    p.add_argument("--sandbox", choices=("v1", "v2"), default="v2")
+    p.add_argument("--privacy", choices=("public", "private"), default="public")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--allow-http", action="store_true", help="do not force HTTPS connections")
+    p.add_argument("--no-probes", action="store_true", help="no /healthz and /readyz probes")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="repeatable")
+    p.add_argument(
+        "--secret", action="append", default=[], metavar="K=V", help="secret env var; repeatable"
+    )
+    p.add_argument(
+        "--secret-from-env",
+        action="append",
+        default=[],
+        metavar="K",
+        help="secret env var K, value read from this process's environment; repeatable",
+    )
+    p.add_argument("--redeploy", action="store_true", help="force a rollout even if unchanged")
+    p.add_argument("--wait-timeout-s", type=float, default=900.0)
+    p.add_argument("--poll-s", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the requests as JSON (secrets redacted); no network, no credentials",
+    )
+    return p
+
+
+def _pairs(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DeployError(f"{flag} expects K=V, got {item.split('=')[0]!r}...", 2)
+        out.append((key, value))
+    return out
+
+
+def git_short_sha(cwd: str | None = None) -> str:
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=cwd,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        raise DeployError(
+            "--registry needs a git checkout (git rev-parse --short HEAD)", 2
+        ) from None
+    return proc.stdout.strip()
+
+
+def build_spec(args: argparse.Namespace, env: Mapping[str, str]) -> DeploySpec:
+    image = args.image
+    if image is None:
+        image = f"{args.registry.rstrip('/')}/{args.image_name}:{git_short_sha()}"
+    secrets = _pairs(args.secret, "--secret")
+    for key in args.secret_from_env:
+        if key not in env:
+            raise DeployError(f"--secret-from-env {key}: {key} is not set in the environment", 2)
+        secrets.append((key, env[key]))
+    min_scale = args.min_scale if args.min_scale is not None else (args.max_scale or 1)
+    max_scale = args.max_scale if args.max_scale is not None else max(min_scale, 1)
+    spec = DeploySpec(
+        namespace=args.namespace,
+        container=args.container,
+        image=image,
+        region=args.region or env.get("SCW_DEFAULT_REGION") or "fr-par",
+        min_scale=min_scale,
+        max_scale=max_scale,
+        memory_mb=args.memory_mb,
+        cpu_mvcpu=args.cpu_mvcpu,
+        timeout_s=args.timeout_s,
+        local_storage_mb=args.local_storage_mb,
+        sandbox=args.sandbox,
+        privacy=args.privacy,
+        port=args.port,
+        https_only=not args.allow_http,
+        probes=not args.no_probes,
+        env=tuple(_pairs(args.env, "--env")),
+        secrets=tuple(secrets),
+        redeploy=args.redeploy,
+        wait_timeout_s=args.wait_timeout_s,
+        poll_s=args.poll_s,
+    )
+    spec.validate()
+    return spec
+
+
+def scale_warnings(spec: DeploySpec) -> list[str]:
+    notes = []
+    if spec.min_scale != spec.max_scale:
+        notes.append(
+            f"WARNING: --min-scale {spec.min_scale} != --max-scale {spec.max_scale}. Scaleway may "
+            "scale an instance down whenever no request is in flight on it, and that stops the "
+            "background jobs it runs (they fail as 'interrupted' and are re-dispatched). "
+            "Use equal values for an always-warm worker."
+        )
+    if spec.min_scale == 0:
+        notes.append(
+            "WARNING: --min-scale 0 lets the container scale to zero: jobs started by a webhook "
+            "can be stopped as soon as the 202 is sent."
+        )
+    return notes
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    environ = dict(os.environ) if env is None else dict(env)
+    args = _parser().parse_args(argv)
+    try:
+        spec = build_spec(args, environ)
+        for note in scale_warnings(spec):
+            print(note, file=sys.stderr, flush=True)
+        if args.dry_run:
+            project = environ.get("SCW_DEFAULT_PROJECT_ID")
+            print(json.dumps(plan(spec, project), indent=2))
+            return 0
+        from scaleway.container.v1 import ContainerV1API
+
+        client = make_client(environ, spec.region)
+        outcome = Deployer(ContainerV1API(client), spec).run()
+    except DeployError as exc:
+        print(f"deploy: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    except ScalewayException as exc:
+        print(f"deploy: DEPLOY FAILED: {api_error_message(exc)}", file=sys.stderr, flush=True)
+        return 1
+    print(f"{outcome.action}: {spec.container} ({spec.image}) is ready")
+    print(f"url: {outcome.url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
