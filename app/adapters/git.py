@@ -337,7 +337,12 @@ def _clone_sync(
         limits,
     )
     _run_git(["checkout", "-q", "--detach", "--force", "FETCH_HEAD", "--"], env, dest, limits)
-    commit = git.Repo(str(dest)).head.commit.hexsha
+    # Read the detached HEAD directly: GitPython's `Repo(...).head.commit` would start a
+    # persistent `git cat-file --batch-check` with the worker's whole environment (secrets
+    # included) that outlives the job until the Repo object is garbage-collected.
+    commit = (dest / ".git" / "HEAD").read_text(encoding="ascii").strip()
+    if not _SHA.fullmatch(commit):
+        raise _Failed("checkout did not leave a detached HEAD")
     if ref is not None and _SHA.fullmatch(ref) and commit.lower() != ref.lower():
         raise _Failed(f"ref {ref!r} not found")
     return CloneResult(
