@@ -60,7 +60,9 @@ def run(smoke: bool) -> list[Result]:
     with bench_dir("busy") as tmp:
         root = tmp / "repos"
         sim = {"flood_lines": 50_000_000}
-        make_repo(root / "flood.git", {"README.md": "# f\n", ".fondation-sim.json": json.dumps(sim)})
+        make_repo(
+            root / "flood.git", {"README.md": "# f\n", ".fondation-sim.json": json.dumps(sim)}
+        )
         with (
             GitHttpServer(root) as git,
             FakeConvex(claim_ok=lambda job_id: job_id.startswith("flood")) as convex,

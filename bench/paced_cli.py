@@ -11,16 +11,19 @@ import argparse
 import sys
 import time
 
-from app import simulator
-
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--lines", type=int, required=True)
     p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--stamp", help="append `<unix time> <output dir>` to this file at start")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     args = p.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    if args.stamp:
+        out_dir = rest[rest.index("--output-dir") + 1] if "--output-dir" in rest else "?"
+        with open(args.stamp, "a", encoding="utf-8") as f:
+            f.write(f"{time.time():.6f} {out_dir}\n")
     out = sys.stdout
     out.write("[FONDATION_STEP_1/2] paced output\n")
     out.flush()
@@ -35,11 +38,15 @@ def main() -> int:
             )
             out.flush()
             written = target
+        if args.seconds <= 0:
+            break
         delay = start + tick * args.seconds / ticks - time.monotonic()
         if delay > 0:
             time.sleep(delay)
     out.write("[FONDATION_STEP_2/2] writing the course\n")
     out.flush()
+    from app import simulator  # after the stamp: the import is not dispatch latency
+
     return simulator.main(rest)
 
 
