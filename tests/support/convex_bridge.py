@@ -148,10 +148,14 @@ class ConvexBridge:
 
 class FlakyProxy:
     """A TCP proxy on 127.0.0.1 in front of `target_port`; `down()` makes it refuse new
-    connections and cut open ones (Convex unreachable), `up()` restores it."""
+    connections and cut open ones (Convex unreachable), `up()` restores it.
 
-    def __init__(self, target_port: int) -> None:
+    `slow` maps a byte marker to a delay: a client→upstream chunk containing the marker (e.g.
+    `b"fondation:putDocs"` in a request body) is held that long before it is forwarded."""
+
+    def __init__(self, target_port: int, slow: dict[bytes, float] | None = None) -> None:
         self.target_port = target_port
+        self.slow = dict(slow or {})
         self._listener: socket.socket | None = None
         self.port = 0
         self._stop = threading.Event()
@@ -204,16 +208,19 @@ class FlakyProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, slow in ((client, upstream, self.slow), (upstream, client, {})):
+                threading.Thread(target=self._pipe, args=(a, b, slow), daemon=True).start()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(src: socket.socket, dst: socket.socket, slow: dict[bytes, float]) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                for marker, delay_s in slow.items():
+                    if marker in data:
+                        time.sleep(delay_s)
                 dst.sendall(data)
         except OSError:
             pass

@@ -1,0 +1,440 @@
+"""Fault scenarios of the whole system (issue 5): the Convex functions under convex-test behind
+the HTTP bridge, with the bridge's sweeper running, and real worker processes on 127.0.0.1.
+
+1. crash: SIGKILL the worker in each phase (clone, CLI, docs upload), restart it on the port;
+2. deploy: two workers behind a round-robin balancer, one SIGTERMed and replaced;
+3. Convex unreachable for 30 s in the middle of a job;
+4. duplicate storm: 500 deliveries of 100 jobs across two workers sharing one Convex;
+5. fuzz of the callback functions over the Convex HTTP API.
+
+Figures printed here (`-s`) are the ones written down in docs/RELIABILITY-CONVEX.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.support.convex_bridge import ConvexBridge, FlakyProxy, node_ready
+from tests.support.gitserver import GitHttpServer, _Handler, _Server, make_repo
+from tests.support.signing import SECRET, headers_for
+from tests.support.worker import WorkerProcess, base_env, free_port
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.faults,
+    pytest.mark.skipif(not node_ready(), reason="run `cd deploy && npm ci` first (make test does)"),
+]
+
+SOURCE = {
+    "README.md": "# Demo\n",
+    "lib/util.py": "def util():\n    return 1\n",
+    "src/main.py": "print('hi')\n",
+}
+DOCS_PER_JOB = 7  # 3 yaml + 3 chapters + 1 tutorial for SOURCE's three top-level entries
+FINAL = {"completed", "failed", "dead", "canceled"}
+RUNNING = {"claimed", "cloning", "analyzing", "gathering"}
+
+
+def say(*parts: object) -> None:
+    print("[faults-convex]", *parts, flush=True)
+
+
+# ─────────────────────────────── helpers ───────────────────────────────
+
+
+class _SlowHandler(_Handler):
+    """git smart HTTP, with every request for a repo named `slowclone*` held for a while."""
+
+    def _serve(self) -> None:
+        if "/slowclone" in self.path:
+            time.sleep(self.server.owner.delay_s)  # type: ignore[attr-defined]
+        super()._serve()
+
+
+class _QuietServer(_Server):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # a client killed mid-clone (SIGKILL) breaks the pipe: expected here
+
+
+class SlowGitServer(GitHttpServer):
+    def __init__(self, root: Path, delay_s: float) -> None:
+        super().__init__(root)
+        self.delay_s = delay_s
+
+    def start(self) -> SlowGitServer:
+        httpd = _QuietServer(("127.0.0.1", 0), _SlowHandler)
+        httpd.owner = self
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+
+class _Http(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+
+class Sink:
+    """Stands in for the worker's URL: answers 202 to every webhook and keeps what it got."""
+
+    def __init__(self) -> None:
+        self.deliveries: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+        sink = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with sink.lock:
+                    sink.deliveries[self.headers.get("webhook-id", "")] = body
+                out = b'{"status":"accepted"}'
+                self.send_response(202)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.httpd = _Http(("127.0.0.1", 0), H)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> Sink:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class Balancer:
+    """A round-robin HTTP load balancer on 127.0.0.1, per request, like Scaleway's in front of
+    container instances: a backend that refuses the connection is skipped; `set_backends`
+    takes an instance out of (or into) rotation."""
+
+    def __init__(self, backends: list[str]) -> None:
+        self.backends = list(backends)
+        self.lock = threading.Lock()
+        self.turn = 0
+        self.sent: dict[str, int] = {}
+        lb = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "content-length", "connection")
+                }
+                status, out, out_headers = 502, b"no backend", {"content-type": "text/plain"}
+                for backend in lb.order():
+                    try:
+                        r = httpx.post(
+                            f"{backend}{self.path}", content=body, headers=headers, timeout=10
+                        )
+                    except httpx.ConnectError:
+                        continue
+                    except httpx.HTTPError:
+                        status, out = 504, b"backend timeout"
+                        break
+                    with lb.lock:
+                        lb.sent[backend] = lb.sent.get(backend, 0) + 1
+                    status, out = r.status_code, r.content
+                    out_headers = {
+                        k: v
+                        for k, v in r.headers.items()
+                        if k.lower() in ("content-type", "retry-after")
+                    }
+                    break
+                self.send_response(status)
+                for k, v in out_headers.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.httpd = _Http(("127.0.0.1", 0), H)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+
+    def order(self) -> list[str]:
+        with self.lock:
+            n = len(self.backends)
+            if n == 0:
+                return []
+            start = self.turn % n
+            self.turn += 1
+            return self.backends[start:] + self.backends[:start]
+
+    def set_backends(self, backends: list[str]) -> None:
+        with self.lock:
+            self.backends = list(backends)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> Balancer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_worker(
+    tmp: Path, name: str, convex_url: str, port: int | None = None, **extra: Any
+) -> WorkerProcess:
+    home = tmp / name
+    home.mkdir(parents=True, exist_ok=True)
+    env = base_env(
+        home, CONVEX_URL=convex_url, WORKER_ID=name, HEARTBEAT_S="1", LEASE_S="4", **extra
+    )
+    w = WorkerProcess(env, tmp / f"{name}.log")
+    if port is not None:
+        w.port, w.url = port, f"http://127.0.0.1:{port}"
+        w.env["PORT"] = str(port)
+    return w.start()
+
+
+def sigkill_with_children(worker: WorkerProcess) -> None:
+    """SIGKILL the worker as a crashed container would die: its CLIs and git go with it."""
+    assert worker.proc is not None
+    try:
+        children = psutil.Process(worker.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    worker.signal(signal.SIGKILL)
+    worker.wait(timeout_s=10)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=5)
+
+
+def create(bridge: ConvexBridge, url: str) -> str:
+    job_id = bridge.mutation("fondation:create", {"repositoryUrl": url, "ref": "main"})
+    assert isinstance(job_id, str)
+    return job_id
+
+
+def jobs_by_id(bridge: ConvexBridge) -> dict[str, dict[str, Any]]:
+    return {j["_id"]: j for j in bridge.table("jobs")}
+
+
+def wait_until(
+    what: str, check: Callable[[], bool], timeout_s: float, every_s: float = 0.05
+) -> float:
+    """Poll `check` until true (bounded); returns the seconds it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if check():
+            return time.monotonic() - t0
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def wait_final(bridge: ConvexBridge, ids: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
+    jobs: dict[str, dict[str, Any]] = {}
+
+    def done() -> bool:
+        nonlocal jobs
+        jobs = jobs_by_id(bridge)
+        return all(jobs[i]["status"] in FINAL for i in ids)
+
+    try:
+        wait_until("final states", done, timeout_s, every_s=0.25)
+    except AssertionError:
+        states = {i: (jobs[i]["status"], jobs[i]["attempt"]) for i in ids}
+        raise AssertionError(f"not final: {states}\n{bridge.logs()[-2000:]}") from None
+    return jobs
+
+
+def assert_docs_ok(bridge: ConvexBridge, job_id: str, expected: int) -> None:
+    docs = bridge.query("fondation:listDocs", {"jobId": job_id})
+    slugs = [d["slug"] for d in docs]
+    assert len(docs) == expected and len(set(slugs)) == expected, (job_id, slugs)
+    rows = [d for d in bridge.table("docs") if d["jobId"] == job_id]
+    assert len(rows) == expected, f"{job_id}: {len(rows)} doc rows (earlier attempts left?)"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowGitServer]:
+    root = tmp_path_factory.mktemp("repos")
+
+    def sim(**switches: Any) -> dict[str, str]:
+        return {**SOURCE, ".fondation-sim.json": json.dumps(switches)}
+
+    make_repo(root / "happy.git", SOURCE)
+    make_repo(root / "quick.git", sim(step_delay_s=0.2))
+    make_repo(root / "mid.git", sim(step_delay_s=0.5))
+    make_repo(root / "slowclone.git", sim(step_delay_s=0.3))
+    make_repo(root / "outage.git", sim(step_delay_s=6.0))
+    with SlowGitServer(root, delay_s=1.0) as server:
+        yield server
+
+
+# ─────────────────────────────── 1. crash ───────────────────────────────
+
+
+@pytest.mark.timeout(200)
+def test_sigkill_in_every_phase_then_restart_completes_every_job(
+    tmp_path: Path, git_server: SlowGitServer
+) -> None:
+    """Five rounds of 4 jobs (MAX_PARALLEL = MAX_CONCURRENT_JOBS = 4); in each round the worker
+    is SIGKILLed in a given phase and a fresh process is started on the same port."""
+    port = free_port()
+    slots = 4
+    with ConvexBridge(
+        tmp_path / "bridge.log",
+        WORKER_URL=f"http://127.0.0.1:{port}",
+        WEBHOOK_SECRET=SECRET,
+        MAX_PARALLEL=slots,
+        LEASE_MS=3000,
+        CLAIM_TIMEOUT_MS=5000,
+        DISPATCH_TIMEOUT_MS=3000,
+        SWEEP_INTERVAL_MS=250,
+        RETRY_BASE_MS=200,
+    ) as bridge:
+        # putDocs is held 2 s on its way to Convex, so the upload phase can be hit.
+        proxy = FlakyProxy(int(bridge.url.rsplit(":", 1)[1]), slow={b"fondation:putDocs": 2.0})
+        proxy.start()
+        worker_env = {"MAX_CONCURRENT_JOBS": str(slots), "SHUTDOWN_GRACE_S": "8"}
+        worker = start_worker(tmp_path, "w0", proxy.url, port=port, **worker_env)
+
+        def all_in(ids: list[str], pred: Callable[[dict[str, Any]], bool]) -> Callable[[], bool]:
+            return lambda: all(pred(j) for i, j in jobs_by_id(bridge).items() if i in ids)
+
+        rounds: list[tuple[str, str, Callable[[list[str]], Callable[[], bool]], float]] = [
+            ("clone", "slowclone", lambda ids: all_in(ids, lambda j: j["status"] == "cloning"), 0),
+            (
+                "cli step 2",
+                "mid",
+                lambda ids: all_in(
+                    ids, lambda j: j["status"] == "analyzing" and j["currentStep"] >= 2
+                ),
+                0,
+            ),
+            (
+                "docs upload",
+                "quick",
+                lambda ids: all_in(ids, lambda j: j["status"] == "gathering"),
+                0,
+            ),
+            (
+                "cli step 5",
+                "mid",
+                lambda ids: all_in(
+                    ids, lambda j: j["status"] == "analyzing" and j["currentStep"] >= 5
+                ),
+                0,
+            ),
+            (
+                "mixed (staggered jobs, kill at the first upload)",
+                "slowclone",
+                lambda ids: lambda: any(
+                    j["status"] == "gathering" for i, j in jobs_by_id(bridge).items() if i in ids
+                ),
+                1.2,
+            ),
+        ]
+        all_ids: list[str] = []
+        figures: list[str] = []
+        try:
+            for n, (phase, repo, ready, stagger_s) in enumerate(rounds, start=1):
+                ids = []
+                for _ in range(slots):
+                    ids.append(create(bridge, git_server.url_for(repo)))
+                    time.sleep(stagger_s)
+                all_ids += ids
+                wait_until(f"round {n} ({phase})", ready(ids), timeout_s=40)
+                at_kill = jobs_by_id(bridge)
+                phases = sorted(
+                    f"{at_kill[i]['status']}@{at_kill[i]['currentStep']}" for i in ids
+                )
+                killed_at = time.time() * 1000
+                sigkill_with_children(worker)
+                worker = start_worker(tmp_path, f"w{n}", proxy.url, port=port, **worker_env)
+                restart_s = time.time() - killed_at / 1000
+                jobs = wait_final(bridge, ids, timeout_s=60)
+                recover_s = max(j["finishedAt"] for i, j in jobs.items() if i in ids) - killed_at
+                redispatch = [
+                    jobs[i]["dispatchedAt"] - killed_at for i in ids if jobs[i]["attempt"] == 2
+                ]
+                for i in ids:
+                    j = jobs[i]
+                    assert j["status"] == "completed", j
+                    assert j["attempt"] <= 2, j
+                    if at_kill[i]["status"] in RUNNING:
+                        assert j["attempt"] == 2, (at_kill[i], j)
+                        assert j["lastError"]["code"] == "lease_expired", j
+                    assert j["docsCount"] == DOCS_PER_JOB, j
+                    assert_docs_ok(bridge, i, DOCS_PER_JOB)
+                figures.append(
+                    f"round {n} [{phase}]: at kill {phases}; attempts "
+                    f"{sorted(jobs[i]['attempt'] for i in ids)}; restart {restart_s:.1f} s; "
+                    f"re-dispatch after kill {min(redispatch, default=0) / 1000:.1f}-"
+                    f"{max(redispatch, default=0) / 1000:.1f} s; all completed "
+                    f"{recover_s / 1000:.1f} s after the kill"
+                )
+            final = jobs_by_id(bridge)
+            assert len(all_ids) == 20
+            assert not [j for j in final.values() if j["status"] == "dead"]
+            for line in figures:
+                say(line)
+            say(
+                "crash: jobs", len(all_ids), "attempts",
+                sorted(final[i]["attempt"] for i in all_ids),
+            )
+        finally:
+            worker.stop()
+            proxy.down()
