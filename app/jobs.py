@@ -487,6 +487,7 @@ class _Pipeline:
 
         def on_line(line: str) -> None:
             self.d.metrics.cli_output_lines.inc()
+            line = self.d.redactor.scrub(line)  # a CLI may echo a key it was given
             now = self._now()
             update = self.tracker.feed(line, now)
             step, total = self.tracker.current
