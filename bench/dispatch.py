@@ -169,7 +169,7 @@ def run(smoke: bool) -> list[Result]:
     if not node_ready():
         res.note("NOT RUN: node or deploy/node_modules missing (run `cd deploy && npm ci`)")
         return [res]
-    push_n, poll_n = (5, 4) if smoke else (20, 12)
+    push_n, poll_n = (4, 3) if smoke else (20, 12)
     with bench_dir("dispatch") as tmp:
         make_repo(tmp / "repos" / "small.git", {"README.md": "# s\n", "src/a.py": "a = 1\n"})
         with GitHttpServer(tmp / "repos") as git:
