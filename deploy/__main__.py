@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except ScalewayException as exc:
         print(f"deploy: DEPLOY FAILED: {api_error_message(exc)}", file=sys.stderr, flush=True)
         return 1
+    except OSError as exc:  # requests' connection errors are OSErrors
+        print(f"deploy: DEPLOY FAILED: cannot reach the Scaleway API: {exc}", file=sys.stderr)
+        return 1
     print(f"{outcome.action}: {spec.container} ({spec.image}) is ready")
     print(f"url: {outcome.url}")
     return 0

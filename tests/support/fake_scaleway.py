@@ -115,7 +115,7 @@ class FakeScaleway:
     # --- seeding and inspection --------------------------------------------------------------
 
     def add_namespace(self, name: str) -> dict[str, Any]:
-        ns = {
+        ns: dict[str, Any] = {
             "id": str(uuid.uuid4()),
             "name": name,
             "organization_id": ORGANIZATION_ID,
@@ -128,7 +128,7 @@ class FakeScaleway:
             "region": REGION,
             "error_message": None,
         }
-        self.namespaces[ns["id"]] = ns
+        self.namespaces[str(ns["id"])] = ns
         return ns
 
     def add_container(self, namespace_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -234,11 +234,11 @@ class FakeScaleway:
             ns["status"] = "creating"
             return 200, ns
         if m := re.fullmatch(r"/namespaces/([^/]+)", rest):
-            ns = self.namespaces.get(m.group(1))
-            if ns is None or method != "GET":
+            found_ns = self.namespaces.get(m.group(1))
+            if found_ns is None or method != "GET":
                 return 404, {"message": "namespace not found", "type": "not_found"}
-            ns["status"] = "ready"
-            return 200, ns
+            found_ns["status"] = "ready"
+            return 200, found_ns
         if rest == "/containers" and method == "GET":
             nsid = q.get("namespace_id", [""])[0]
             items = [
@@ -256,9 +256,10 @@ class FakeScaleway:
             self._rollout(c, "creating")
             return 200, c
         if m := re.fullmatch(r"/containers/([^/]+)(/redeploy)?", rest):
-            c = self.containers.get(m.group(1))
-            if c is None:
+            found = self.containers.get(m.group(1))
+            if found is None:
                 return 404, {"message": "container not found", "type": "not_found"}
+            c = found
             if m.group(2) and method == "POST":
                 if c["status"] not in ("ready", "error"):
                     return 409, {"message": "resource is in a transient state"}

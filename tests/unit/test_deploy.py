@@ -164,6 +164,14 @@ def test_api_error_is_reported_without_traceback(
     assert "Scaleway API error 401" in err and "Traceback" not in err
 
 
+def test_unreachable_api_is_a_clean_failure(
+    fake: FakeScaleway, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SCW_API_URL", "http://127.0.0.1:9")
+    assert main(args()) == 1
+    assert "cannot reach the Scaleway API" in capsys.readouterr().err
+
+
 def test_missing_credentials_exit_2_with_a_clear_message(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCW_")}
     env["SCW_CONFIG_PATH"] = str(tmp_path / "none.yaml")
