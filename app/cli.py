@@ -42,8 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.webhook_secrets:
             print("fondation-worker: WEBHOOK_SECRETS is required", file=sys.stderr)
             return 2
-        configure_logging(settings.log_level, Redactor(settings.secret_values()))
-        serve(settings, env)
+        redactor = Redactor(settings.secret_values())  # shared: logs and job reports
+        configure_logging(settings.log_level, redactor)
+        serve(settings, env, redactor)
         return 0
 
     from app.submit import SubmitError, SubmitRequest, new_job_id, run_submit, secret_from_env

@@ -31,6 +31,8 @@ from app.urlpolicy import Resolver, system_resolver
 
 log = logging.getLogger("fondation.main")
 PRUNE_EVERY_S = 3600.0
+# Environment variables whose values are redacted wherever the worker writes text.
+SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def build_reporter(
@@ -58,6 +60,9 @@ def create_app(
     clock = clock or SystemClock()
     environ = dict(os.environ if environ is None else environ)
     redactor = redactor or Redactor(settings.secret_values())
+    for name, value in environ.items():  # e.g. ANTHROPIC_API_KEY, which the CLI may echo
+        if any(marker in name.upper() for marker in SECRET_ENV_MARKERS):
+            redactor.add(value)
     metrics = create_metrics()
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     store = SqliteJobStore(
@@ -185,9 +190,10 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(settings: Settings, environ: Mapping[str, str]) -> None:
-    """Run the worker until SIGTERM, exiting within `SHUTDOWN_GRACE_S`."""
-    app = create_app(settings, environ=environ)
+def serve(settings: Settings, environ: Mapping[str, str], redactor: Redactor | None = None) -> None:
+    """Run the worker until SIGTERM, exiting within `SHUTDOWN_GRACE_S`. Pass the log
+    formatter's `redactor` so that per-job tokens are scrubbed from log lines too."""
+    app = create_app(settings, environ=environ, redactor=redactor)
     config = uvicorn.Config(
         app,
         host=settings.host,
