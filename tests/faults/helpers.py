@@ -4,7 +4,6 @@ checks on a real worker process."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,9 +78,11 @@ def processes_under(marker: str) -> list[psutil.Process]:
     The working directory matters: a CLI's grandchild (`sleep 300`) names no path but runs in
     the job's workspace."""
     found = []
+    me = psutil.Process()
+    mine = {me.pid, *(a.pid for a in me.parents())}  # pytest and whatever launched it
     for p in psutil.process_iter():
         try:
-            if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:
+            if p.pid in mine or p.status() == psutil.STATUS_ZOMBIE:
                 continue
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
