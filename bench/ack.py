@@ -94,7 +94,7 @@ def _check(out: dict[str, Any], expected: str, what: str) -> None:
 
 
 def run(smoke: bool) -> list[Result]:
-    n = 600 if smoke else 3000
+    n = 400 if smoke else 3000
     conns = 16
     rounds = 1 if smoke else 2
     tput = Result("ack_throughput")

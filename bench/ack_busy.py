@@ -55,7 +55,7 @@ def cli_lines(url: str) -> float:
 
 
 def run(smoke: bool) -> list[Result]:
-    n = 100 if smoke else 400
+    n = 80 if smoke else 400
     res = Result("ack_busy")
     with bench_dir("busy") as tmp:
         root = tmp / "repos"

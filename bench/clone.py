@@ -108,5 +108,5 @@ def run(smoke: bool) -> list[Result]:
     res.add("full_bytes", int(median(f_bytes)))
     res.add("ratio_bytes_full_over_shallow", median(f_bytes) / median(s_bytes))
     ratio = median(f_times) / median(s_times)
-    res.set_ratio("ratio_time_full_over_shallow", ratio, "> 1 (no numeric goal)", ratio > 1)
+    res.set_ratio("ratio_time_full_over_shallow", ratio, "report only", None)
     return [res]

@@ -67,7 +67,7 @@ class Result:
         self.values[key] = value
         print(f"{self.name}.{key}: {_fmt(value)}", flush=True)
 
-    def set_ratio(self, key: str, value: float, goal: str, met: bool) -> None:
+    def set_ratio(self, key: str, value: float, goal: str, met: bool | None) -> None:
         self.ratio_name, self.ratio, self.goal, self.met = key, value, goal, met
         print(f"{self.name}.{key}: {_fmt(value)}", flush=True)
 
