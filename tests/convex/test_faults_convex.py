@@ -145,6 +145,7 @@ class Balancer:
         self.lock = threading.Lock()
         self.turn = 0
         self.sent: dict[str, int] = {}
+        self.log: list[tuple[float, str, str, int]] = []  # (unix ms, webhook-id, backend, status)
         lb = self
 
         class H(BaseHTTPRequestHandler):
@@ -173,6 +174,8 @@ class Balancer:
                         break
                     with lb.lock:
                         lb.sent[backend] = lb.sent.get(backend, 0) + 1
+                        wid = self.headers.get("webhook-id", "")
+                        lb.log.append((time.time() * 1000, wid, backend, r.status_code))
                     status, out = r.status_code, r.content
                     out_headers = {
                         k: v
@@ -224,9 +227,8 @@ def start_worker(
 ) -> WorkerProcess:
     home = tmp / name
     home.mkdir(parents=True, exist_ok=True)
-    env = base_env(
-        home, CONVEX_URL=convex_url, WORKER_ID=name, HEARTBEAT_S="1", LEASE_S="4", **extra
-    )
+    env = base_env(home, **{"HEARTBEAT_S": "1", "LEASE_S": "4", **extra})
+    env.update(CONVEX_URL=convex_url, WORKER_ID=name)
     w = WorkerProcess(env, tmp / f"{name}.log")
     if port is not None:
         w.port, w.url = port, f"http://127.0.0.1:{port}"
@@ -317,6 +319,7 @@ def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowGitServ
     make_repo(root / "happy.git", SOURCE)
     make_repo(root / "quick.git", sim(step_delay_s=0.2))
     make_repo(root / "mid.git", sim(step_delay_s=0.5))
+    make_repo(root / "slow.git", sim(step_delay_s=1.0))
     make_repo(root / "slowclone.git", sim(step_delay_s=0.3))
     make_repo(root / "outage.git", sim(step_delay_s=6.0))
     with SlowGitServer(root, delay_s=1.0) as server:
@@ -339,7 +342,7 @@ def test_sigkill_in_every_phase_then_restart_completes_every_job(
         WORKER_URL=f"http://127.0.0.1:{port}",
         WEBHOOK_SECRET=SECRET,
         MAX_PARALLEL=slots,
-        LEASE_MS=3000,
+        LEASE_MS=4000,
         CLAIM_TIMEOUT_MS=5000,
         DISPATCH_TIMEOUT_MS=3000,
         SWEEP_INTERVAL_MS=250,
@@ -438,3 +441,284 @@ def test_sigkill_in_every_phase_then_restart_completes_every_job(
         finally:
             worker.stop()
             proxy.down()
+
+
+# ─────────────────────────────── 2. deploy ───────────────────────────────
+
+
+@pytest.mark.timeout(120)
+def test_rolling_deploy_sigterm_reports_interrupted_and_jobs_move_on(
+    tmp_path: Path, git_server: SlowGitServer
+) -> None:
+    """Two workers (2 slots each) behind a round-robin balancer; a rolling deploy starts a new
+    process, takes the old one out of rotation and SIGTERMs it while it runs jobs."""
+    grace_s = 8.0
+    jobs_n = 8
+    with (
+        Balancer([]) as lb,
+        ConvexBridge(
+            tmp_path / "bridge.log",
+            WORKER_URL=lb.url,
+            WEBHOOK_SECRET=SECRET,
+            MAX_PARALLEL=4,
+            LEASE_MS=5000,
+            CLAIM_TIMEOUT_MS=8000,
+            DISPATCH_TIMEOUT_MS=3000,
+            SWEEP_INTERVAL_MS=500,
+            RETRY_BASE_MS=200,
+        ) as bridge,
+    ):
+        env = {
+            "MAX_CONCURRENT_JOBS": "2",
+            "RETRY_AFTER_S": "1",
+            "SHUTDOWN_GRACE_S": str(grace_s),
+        }
+        a = start_worker(tmp_path, "old-a", bridge.url, **env)
+        b = start_worker(tmp_path, "old-b", bridge.url, **env)
+        c: WorkerProcess | None = None
+        lb.set_backends([a.url, b.url])
+        try:
+            ids = [create(bridge, git_server.url_for("slow")) for _ in range(jobs_n)]
+
+            def both_busy() -> bool:
+                owners = [
+                    j.get("claimedBy")
+                    for j in jobs_by_id(bridge).values()
+                    if j["status"] in ("analyzing",) and j["currentStep"] >= 1
+                ]
+                return owners.count("old-a") >= 1 and owners.count("old-b") >= 1
+
+            wait_until("jobs running on both workers", both_busy, timeout_s=40)
+            before = jobs_by_id(bridge)
+            on_a = [i for i in ids if before[i].get("claimedBy") == "old-a"]
+            on_a = [i for i in on_a if before[i]["status"] in RUNNING]
+            assert on_a
+            c = start_worker(tmp_path, "new-c", bridge.url, **env)
+            lb.set_backends([b.url, c.url])
+            t0 = time.monotonic()
+            sent_at = time.time() * 1000
+            a.signal(signal.SIGTERM)
+            code = a.wait(timeout_s=grace_s + 5)
+            exit_s = time.monotonic() - t0
+            assert code == 0 and exit_s < grace_s, (code, exit_s)
+            jobs = wait_final(bridge, ids, timeout_s=80)
+            calls = bridge.calls()
+            fails = {
+                c_["args"]["jobId"]: c_
+                for c_ in calls
+                if c_["path"] == "fondation:fail" and c_["args"]["workerId"] == "old-a"
+            }
+            reclaim_s: list[float] = []
+            redispatch_s: list[float] = []
+            answers: dict[str, list[int]] = {}
+            for i in ids:
+                j = jobs[i]
+                assert j["status"] == "completed", j
+                assert_docs_ok(bridge, i, DOCS_PER_JOB)
+                if i in on_a:
+                    f = fails[i]["args"]
+                    assert (f["code"], f["retryable"], f["attempt"]) == ("interrupted", True, 1)
+                    assert j["attempt"] == 2 and j["lastError"]["code"] == "interrupted", j
+                    assert j["claimedBy"] in ("old-b", "new-c"), j
+                    fail_at = _iso_ms(fails[i]["at"])
+                    claim_at = min(
+                        _iso_ms(c_["at"])
+                        for c_ in calls
+                        if c_["path"] == "fondation:claim"
+                        and c_["args"]["jobId"] == i
+                        and c_["args"]["attempt"] == 2
+                    )
+                    assert fail_at - sent_at < grace_s * 1000
+                    redispatch_at = min(t for t, wid, _, _ in lb.log if wid == f"{i}:2")
+                    redispatch_s.append((redispatch_at - fail_at) / 1000)
+                    reclaim_s.append((claim_at - fail_at) / 1000)
+                    answers[i] = [st for _, wid, _, st in lb.log if wid == f"{i}:2"]
+                else:
+                    assert j["attempt"] == 1, j
+            assert max(redispatch_s) < 1.0, redispatch_s
+            say(
+                f"deploy: {jobs_n} jobs, {len(on_a)} on the SIGTERMed worker; exit "
+                f"{exit_s:.2f} s (grace {grace_s:g} s); interrupted -> re-dispatched in "
+                f"{', '.join(f'{s:.2f}' for s in redispatch_s)} s, claimed again in "
+                f"{', '.join(f'{s:.2f}' for s in reclaim_s)} s (answers {answers}); attempts "
+                f"{sorted(jobs[i]['attempt'] for i in ids)}; balancer sent {lb.sent}"
+            )
+        finally:
+            for w in (a, b, c):
+                if w is not None:
+                    w.stop()
+
+
+def _iso_ms(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000
+
+
+# ─────────────────────────────── 3. Convex unreachable ───────────────────────────────
+
+
+@pytest.mark.timeout(120)
+def test_convex_unreachable_for_30_s_mid_job(tmp_path: Path, git_server: SlowGitServer) -> None:
+    """The worker reaches Convex through a proxy that goes down for 30 s while the CLI runs.
+    LEASE_MS (bridge) and LEASE_S (worker) are 60 s, longer than the outage."""
+    outage_s = 30.0
+    port = free_port()
+    with ConvexBridge(
+        tmp_path / "bridge.log",
+        WORKER_URL=f"http://127.0.0.1:{port}",
+        WEBHOOK_SECRET=SECRET,
+        LEASE_MS=60000,
+        CLAIM_TIMEOUT_MS=60000,
+        SWEEP_INTERVAL_MS=500,
+    ) as bridge:
+        proxy = FlakyProxy(int(bridge.url.rsplit(":", 1)[1])).start()
+        worker = start_worker(tmp_path, "w", proxy.url, port=port, LEASE_S="60")
+        try:
+            job_id = create(bridge, git_server.url_for("outage"))
+            wait_until(
+                "step 1",
+                lambda: bridge.job(job_id)["status"] == "analyzing"
+                and bridge.job(job_id)["currentStep"] >= 1,
+                timeout_s=30,
+            )
+            before = bridge.job(job_id)
+            proxy.down()
+            t_down = time.monotonic()
+            time.sleep(outage_s)
+            during = bridge.job(job_id)
+            proxy.up()
+            t_up = time.monotonic()
+            bridge_calls_before = len(bridge.calls())
+            # Progress resumes: Convex hears of a later step than before the outage.
+            resumed_s = wait_until(
+                "progress after the outage",
+                lambda: bridge.job(job_id)["lastSeq"] > during["lastSeq"],
+                timeout_s=15,
+            )
+            job = bridge.wait_job(job_id, FINAL, timeout_s=40)
+            done_s = time.monotonic() - t_up
+            assert job["status"] == "completed" and job["attempt"] == 1, job
+            assert during["lastSeq"] == before["lastSeq"] or during["lastSeq"] >= before["lastSeq"]
+            assert during["updatedAt"] <= before["updatedAt"] + 1000  # nothing got through
+            assert_docs_ok(bridge, job_id, DOCS_PER_JOB)
+            metrics = httpx.get(f"{worker.url}/metrics", timeout=5).text
+            retries = metric(metrics, "fondation_callback_retries_total")
+            progress_retries = metric(
+                metrics, "fondation_callback_retries_total", function="fondation:progress"
+            )
+            failures = metric(metrics, "fondation_callback_failures_total")
+            assert progress_retries > 0 and failures == 0, metrics
+            calls = bridge.calls()[bridge_calls_before:]
+            say(
+                f"outage: {outage_s:g} s down at step {before['currentStep']} "
+                f"(seq {before['lastSeq']}); first progress {resumed_s:.1f} s after up; "
+                f"completed {done_s:.1f} s after up (attempt {job['attempt']}); "
+                f"callback retries {retries:g} (progress {progress_retries:g}), failures "
+                f"{failures:g}; {len(calls)} calls after up; proxy down for "
+                f"{t_up - t_down:.1f} s"
+            )
+        finally:
+            worker.stop()
+            proxy.down()
+
+
+# ─────────────────────────────── 4. duplicate storm ───────────────────────────────
+
+COUNTING_CLI = """#!/bin/sh
+# A light stand-in for the CLI that records each run: one line per run in $1.
+runs="$1"; repo="$2"; out="$3"
+echo "$repo" >> "$runs"
+echo "[FONDATION_STEP_1/2] Extracting core abstractions from codebase"
+mkdir -p "$out/chapters"
+printf '# Abstractions\\n- name: x\\n' > "$out/step1_abstractions.yaml"
+echo "[FONDATION_STEP_2/2] Generating chapter content"
+printf '# Chapter 1: x\\n\\nbody\\n' > "$out/chapters/chapter_1_x.md"
+"""
+
+
+@pytest.mark.timeout(200)
+def test_duplicate_storm_500_deliveries_of_100_jobs_run_each_cli_once(
+    tmp_path: Path, git_server: SlowGitServer
+) -> None:
+    """100 jobs created in Convex (dispatched to a sink that keeps the real signed bodies);
+    each body is then delivered 5 times, concurrently, to two workers sharing that Convex."""
+    jobs_n, copies = 100, 5
+    script = tmp_path / "count-cli.sh"
+    script.write_text(COUNTING_CLI)
+    runs = tmp_path / "runs.txt"
+    runs.touch()
+    with (
+        Sink() as sink,
+        ConvexBridge(
+            tmp_path / "bridge.log",
+            WORKER_URL=sink.url,
+            WEBHOOK_SECRET=SECRET,
+            MAX_PARALLEL=jobs_n,
+            CLAIM_TIMEOUT_MS=600000,
+            LEASE_MS=60000,
+        ) as bridge,
+    ):
+        ids = [create(bridge, git_server.url_for("happy")) for _ in range(jobs_n)]
+        wait_until(
+            "100 deliveries to the sink",
+            lambda: all(j.get("deliveredAt") for j in bridge.table("jobs")),
+            timeout_s=60,
+            every_s=0.2,
+        )
+        assert len(sink.deliveries) == jobs_n
+        env = {
+            "MAX_CONCURRENT_JOBS": str(jobs_n),
+            "FONDATION_COMMAND": f"/bin/sh {script} {runs} {{repo_dir}} {{output_dir}}",
+            "LEASE_S": "60",
+            "HEARTBEAT_S": "5",
+        }
+        workers = [start_worker(tmp_path, f"storm-{n}", bridge.url, **env) for n in (1, 2)]
+        try:
+            sends = [(wid, body) for wid, body in sink.deliveries.items() for _ in range(copies)]
+            random.Random(5).shuffle(sends)
+
+            async def storm() -> list[tuple[str, int]]:
+                limits = httpx.Limits(max_connections=100)
+                async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+                    async def one(k: int, wid: str, body: bytes) -> tuple[str, int]:
+                        target = workers[k % 2].url
+                        r = await client.post(
+                            f"{target}/v1/webhooks", content=body, headers=headers_for(body, wid)
+                        )
+                        return wid, r.status_code
+
+                    return await asyncio.gather(
+                        *(one(k, wid, body) for k, (wid, body) in enumerate(sends))
+                    )
+
+            t0 = time.monotonic()
+            answers = asyncio.run(storm())
+            storm_s = time.monotonic() - t0
+            statuses: dict[int, int] = {}
+            for _, st in answers:
+                statuses[st] = statuses.get(st, 0) + 1
+            assert set(statuses) <= {200, 202}, statuses
+            jobs = wait_final(bridge, ids, timeout_s=150)
+            done_s = time.monotonic() - t0
+            lines = runs.read_text().splitlines()
+            ran = [re.search(r"/([^/]+)-\d+-[0-9a-f]{8}/repo$", line) for line in lines]
+            ran_ids = sorted(m.group(1) for m in ran if m)
+            assert len(lines) == jobs_n and ran_ids == sorted(ids), len(lines)
+            for i in ids:
+                j = jobs[i]
+                assert j["status"] == "completed" and j["attempt"] == 1, j
+                assert j["docsCount"] == 2
+            dropped = 0.0
+            for w in workers:
+                m = httpx.get(f"{w.url}/metrics", timeout=5).text
+                dropped += metric(m, "fondation_jobs_finished_total", status="dropped")
+            say(
+                f"storm: {len(sends)} deliveries of {jobs_n} jobs to 2 workers in "
+                f"{storm_s:.1f} s; answers {statuses}; CLI runs {len(lines)}; "
+                f"claims refused (dropped) {dropped:g}; all completed after {done_s:.1f} s"
+            )
+        finally:
+            for w in workers:
+                w.stop()
