@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.config import load_settings
 from tests.faults.helpers import assert_workspace_empty, post_start, sim, wait_for
 from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.signing import OTHER_SECRET, cancel_body, headers_for, start_body
@@ -201,3 +202,28 @@ def test_no_secret_in_logs_answers_metrics_store_or_cli_env(
         assert not leaks(json.dumps(cli_env), others), leaks(json.dumps(cli_env), others)
         assert not leaks(json.dumps(run["argv"]), values)
     assert wait_for(lambda: True, 0)
+
+
+def test_logs_and_jobs_share_one_redactor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` must get the log formatter's redactor: the per-job callback and clone tokens are
+    added to the job manager's redactor, and a second instance would leave log lines unscrubbed.
+    """
+    import app.cli
+    import app.logs
+    import app.main
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(app.logs, "configure_logging", lambda _l, r, _s=None: seen.update(log=r))
+    monkeypatch.setattr(app.main, "serve", lambda _s, _e, r=None: seen.update(serve=r))
+    for name, value in base_env(tmp_path, ANTHROPIC_API_KEY=ANTHROPIC_KEY).items():
+        monkeypatch.setenv(name, value)
+    assert app.cli.main(["serve"]) == 0
+    assert seen["log"] is not None and seen["log"] is seen["serve"]
+    redactor = app.logs.Redactor()
+    asgi = app.main.create_app(
+        load_settings(base_env(tmp_path)),
+        environ={"ANTHROPIC_API_KEY": ANTHROPIC_KEY, "SCW_SECRET_KEY": "RECOGNISABLE-scw-2"},
+        redactor=redactor,
+    )
+    asgi.state.services.store.close()
+    assert redactor.scrub(f"k={ANTHROPIC_KEY} s=RECOGNISABLE-scw-2") == "k=[redacted] s=[redacted]"
