@@ -15,14 +15,16 @@ verify, validate, look up, answer 200 with `duplicate: true`.
 
 Why not jobs parked in a stalled clone: `git.clone` holds a default-executor thread for the
 whole clone, and the webhook's URL check (`loop.getaddrinfo`) needs one too, so with more
-stalled clones than executor threads every `job.start` ack hangs. `executor_starvation`
-below demonstrates it (a defect, reported in docs/PERFORMANCE.md).
+stalled clones than executor threads every `job.start` ack hangs. `stalled_clones` below
+demonstrates it in the full run (a defect, reported in docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,14 @@ from bench.common import (
     Result,
     bench_dir,
     free_port,
+    post_job,
     run_json,
     start_worker,
     wait_for,
 )
 
 GOAL = 0.7
+STALLED = min(32, (os.cpu_count() or 1) + 4)  # the default executor's thread count
 
 
 @contextlib.contextmanager
@@ -143,4 +147,43 @@ def run(smoke: bool) -> list[Result]:
     tput.set_ratio("ratio_rps_worker_over_bare", ratio, f">= {GOAL}", ratio >= GOAL)
     dratio = dupe["rps"] / bare["rps"]
     dup.set_ratio("ratio_rps_duplicate_over_bare", dratio, f">= {GOAL}", dratio >= GOAL)
-    return [tput, dup]
+    out = [tput, dup]
+    if not smoke:
+        out.append(stalled_clones())
+    return out
+
+
+def stalled_clones() -> Result:
+    """The ack of a new job while STALLED jobs sit in a clone that never progresses (a TCP
+    server that accepts and never answers), against the same ack with none stalled."""
+    from tests.support.gitserver import StallingServer
+
+    res = Result("ack_stalled_clones")
+    with bench_dir("stalled") as tmp, StallingServer() as stall:
+        env = {"MAX_CONCURRENT_JOBS": str(STALLED + 4), "CLONE_TIMEOUT_S": "60"}
+        with start_worker(tmp, kill=True, **env) as w:
+            url = stall.url_for("stalled")
+
+            def ack_ms(job_id: str, repo: str = url) -> float:
+                t0 = time.perf_counter()
+                try:
+                    r = post_job(w, job_id, repo)
+                except httpx.TimeoutException:
+                    return float("inf")
+                if r.status_code != 202:
+                    raise BenchError(f"ack {r.status_code}: {r.text}")
+                return (time.perf_counter() - t0) * 1000
+
+            closed = "http://127.0.0.1:9/closed.git"  # these clones fail at once
+            before = min(ack_ms(f"calm{i}", closed) for i in range(3))
+            time.sleep(2.0)
+            for i in range(STALLED):
+                ack_ms(f"stall{i}")
+            time.sleep(1.0)
+            after = ack_ms("probe")  # post_job's timeout is 10 s: inf when it timed out
+    res.add("ack_ms_no_stalled_clone", before)
+    res.add("stalled_clones", STALLED)
+    res.add("ack_ms_with_stalled_clones", after)
+    ratio = after / before
+    res.set_ratio("ratio_ack_stalled_over_calm", ratio, "<= 1.5", ratio <= 1.5)
+    return res

@@ -1,0 +1,63 @@
+"""The benchmark harness stays importable and its pure helpers stay right (the benchmarks
+themselves run with `make bench` / `make bench-smoke`, never in pytest)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.__main__ import BENCHMARKS
+from bench.common import percentile
+from bench.dispatch import _stamps
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_benchmark_has_a_run_function() -> None:
+    for name in BENCHMARKS:
+        assert callable(importlib.import_module(f"bench.{name}").run)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0
+
+
+def test_stamps_name_the_job_from_its_workspace(tmp_path: Path) -> None:
+    stamp = tmp_path / "stamps.txt"
+    stamp.write_text("100.5 /w/j57abc-1-0a1b2c3d/out\n101.0 /w/j57abc-1-0a1b2c3d/out\n")
+    assert _stamps(stamp) == {"j57abc": 100.5}
+
+
+def test_paced_cli_prints_its_lines_and_stamps(tmp_path: Path) -> None:
+    stamp = tmp_path / "stamps.txt"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "paced_cli.py"),
+            "--lines",
+            "50",
+            "--seconds",
+            "0.05",
+            "--stamp",
+            str(stamp),
+            "--",
+            "analyze",
+            str(tmp_path / "missing"),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+    )
+    lines = out.stdout.splitlines()
+    assert lines[0] == "[FONDATION_STEP_1/2] paced output"
+    assert sum(1 for ln in lines if ln.startswith("paced line")) == 50
+    assert stamp.read_text().split()[1] == str(tmp_path / "out")
