@@ -722,3 +722,204 @@ def test_duplicate_storm_500_deliveries_of_100_jobs_run_each_cli_once(
         finally:
             for w in workers:
                 w.stop()
+
+
+# ─────────────────────────────── 5. fuzz of the callbacks ───────────────────────────────
+
+from hypothesis import HealthCheck, assume, given  # noqa: E402
+from hypothesis import settings as hsettings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CALLBACKS = ["claim", "progress", "putDocs", "complete", "fail"]
+# Fields besides the auth ones, with a predicate saying whether a value is of the right type.
+_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+_str = lambda v: isinstance(v, str)  # noqa: E731
+FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "claim": {"workerId": _str},
+    "progress": {
+        "workerId": _str,
+        "seq": _num,
+        "status": lambda v: v in ("claimed", "cloning", "analyzing", "gathering"),
+        "currentStep": _num,
+        "totalSteps": _num,
+        "message": _str,
+    },
+    "putDocs": {"workerId": _str, "docs": lambda v: isinstance(v, list)},
+    "complete": {"workerId": _str, "docsCount": _num, "durationMs": _num},
+    "fail": {
+        "workerId": _str,
+        "code": lambda v: v
+        in ("clone_failed", "cli_failed", "timeout", "canceled", "interrupted", "output_invalid",
+            "internal"),
+        "message": _str,
+        "retryable": lambda v: isinstance(v, bool),
+    },
+}
+
+garbage = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+    | st.sampled_from(["", "A" * 1_000_000, "\u0000", "../../etc", "fondation:claim"]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(
+        st.text(max_size=10) | st.sampled_from(["$integer", "$bytes", "slug", "_id"]),
+        inner,
+        max_size=4,
+    ),
+    max_leaves=12,
+)
+
+
+def valid_args(fn: str, auth: dict[str, Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = {
+        "claim": {},
+        "progress": {
+            "seq": 99, "status": "gathering", "currentStep": 6, "totalSteps": 6,
+            "message": "fuzz", "logs": ["fuzz line"],
+        },
+        "putDocs": {
+            "docs": [{"slug": "fuzz", "title": "Fuzz", "kind": "chapter", "chapterIndex": 9,
+                      "content": "fuzz"}]
+        },
+        "complete": {"docsCount": 1, "durationMs": 5},
+        "fail": {"code": "cli_failed", "message": "fuzz", "retryable": False},
+    }[fn]
+    return {**auth, **extra}
+
+
+@pytest.mark.timeout(150)
+def test_fuzzed_callbacks_never_5xx_and_never_change_a_job_without_its_token(
+    tmp_path: Path,
+) -> None:
+    with (
+        Sink() as sink,
+        ConvexBridge(
+            tmp_path / "bridge.log",
+            WORKER_URL=sink.url,
+            WEBHOOK_SECRET=SECRET,
+            MAX_PARALLEL=2,
+            CLAIM_TIMEOUT_MS=600000,
+            LEASE_MS=600000,
+        ) as bridge,
+    ):
+        running = create(bridge, "https://github.com/owner/running.git")
+        waiting = create(bridge, "https://github.com/owner/waiting.git")
+        wait_until(
+            "two deliveries", lambda: all(j.get("deliveredAt") for j in bridge.table("jobs")), 30
+        )
+        tokens = {j["_id"]: j["callbackToken"] for j in bridge.table("jobs")}
+        auths = {
+            i: {"jobId": i, "attempt": 1, "workerId": "w1", "callbackToken": tokens[i]}
+            for i in (running, waiting)
+        }
+        # One job running with a doc stored, one dispatched and not claimed.
+        assert bridge.mutation("fondation:claim", auths[running])["ok"] is True
+        progress = valid_args("progress", auths[running]) | {"seq": 1, "status": "analyzing"}
+        assert bridge.mutation("fondation:progress", progress)["ok"] is True
+        doc = valid_args("putDocs", auths[running]) | {
+            "docs": [{"slug": "a", "title": "A", "kind": "yaml", "chapterIndex": None,
+                      "content": "x"}]
+        }
+        assert bridge.mutation("fondation:putDocs", doc)["ok"] is True
+
+        def snapshot() -> tuple[Any, Any, Any]:
+            return bridge.table("jobs"), bridge.table("docs"), bridge.table("jobLogs")
+
+        baseline = snapshot()
+        valid_triples = {(a["jobId"], a["attempt"], a["callbackToken"]) for a in auths.values()}
+        client = httpx.Client(base_url=bridge.url, timeout=30)
+        seen: dict[int, int] = {}
+
+        def post(fn: str, args: Any) -> httpx.Response:
+            r = client.post(
+                "/api/mutation", json={"path": f"fondation:{fn}", "args": args, "format": "json"}
+            )
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            assert r.status_code in (200, 560), (r.status_code, r.text[:500])
+            return r
+
+        def flip(token: str) -> st.SearchStrategy[Any]:
+            return st.sampled_from(
+                [token[:-1], token + "x", token.upper(), token[::-1], "", tokens[waiting]]
+            ) | garbage
+
+        @st.composite
+        def bad_auth_call(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+            fn = draw(st.sampled_from(CALLBACKS))
+            job = draw(st.sampled_from([running, waiting]))
+            args: dict[str, Any] = valid_args(fn, auths[job])
+            corrupt = draw(
+                st.sets(st.sampled_from(["jobId", "attempt", "callbackToken"]), min_size=1)
+            )
+            if "jobId" in corrupt:
+                args["jobId"] = draw(
+                    st.sampled_from([running, waiting, running[:-1] + "x", "", "jobs"]) | garbage
+                )
+            if "attempt" in corrupt:
+                args["attempt"] = draw(
+                    st.sampled_from([0, 2, -1, 1.5, 2**53, "1", None]) | garbage
+                )
+            if "callbackToken" in corrupt:
+                args["callbackToken"] = draw(flip(tokens[job]))
+            for name in draw(st.sets(st.sampled_from(sorted(FIELDS[fn])), max_size=2)):
+                args[name] = draw(garbage)
+            if draw(st.booleans()):
+                args[draw(st.text(min_size=1, max_size=8))] = draw(garbage)
+            return fn, args
+
+        @hsettings(
+            max_examples=120,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            derandomize=True,
+        )
+        @given(bad_auth_call())
+        def without_token(call: tuple[str, dict[str, Any]]) -> None:
+            fn, args = call
+            triple = (args.get("jobId"), args.get("attempt"), args.get("callbackToken"))
+            assume(not any(triple == t and type(triple[1]) is int for t in valid_triples))
+            r = post(fn, args)
+            doc = r.json()
+            if r.status_code == 200:
+                assert doc["status"] == "success" and doc["value"]["ok"] is False, (fn, doc)
+            else:
+                assert doc["status"] == "error" and "Uncaught" in doc["errorMessage"], doc
+            assert snapshot() == baseline, (fn, args)
+
+        @st.composite
+        def bad_type_call(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+            fn = draw(st.sampled_from(CALLBACKS))
+            args: dict[str, Any] = valid_args(fn, auths[running])
+            name = draw(st.sampled_from(sorted(FIELDS[fn])))
+            if draw(st.booleans()):
+                del args[name]
+            else:
+                value = draw(garbage)
+                assume(not FIELDS[fn][name](value))
+                args[name] = value
+            return fn, args
+
+        @hsettings(
+            max_examples=80,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            derandomize=True,
+        )
+        @given(bad_type_call())
+        def with_token_bad_types(call: tuple[str, dict[str, Any]]) -> None:
+            fn, args = call
+            r = post(fn, args)
+            assert r.status_code == 560, (fn, args, r.text[:300])
+            assert r.json()["status"] == "error", r.text[:300]
+            assert snapshot() == baseline, (fn, args)
+
+        try:
+            without_token()
+            with_token_bad_types()
+        finally:
+            client.close()
+        assert bridge.job(running)["status"] == "analyzing"
+        say(f"fuzz: {sum(seen.values())} calls, answers {seen}; no state change, no 5xx")
