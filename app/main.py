@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.adapters.sqlite_store import SqliteJobStore
 from app.adapters.store import JobReporter
@@ -31,6 +32,7 @@ from app.urlpolicy import Resolver, system_resolver
 
 log = logging.getLogger("fondation.main")
 PRUNE_EVERY_S = 3600.0
+HEAD_READ_TIMEOUT_S = 10.0
 # Environment variables whose values are redacted wherever the worker writes text.
 SECRET_ENV_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
@@ -164,6 +166,39 @@ async def _prune_forever(store: SqliteJobStore) -> None:
         await asyncio.sleep(PRUNE_EVERY_S)
 
 
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a limit on the request head: a connection that sends no
+    complete request line and headers within `HEAD_READ_TIMEOUT_S` of opening (or of its last
+    response) is closed. Without it a client dribbling header lines, or sending nothing, held
+    its connection forever (slow-loris on the headers; the body has its own 10 s limit)."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(HEAD_READ_TIMEOUT_S, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        in_flight = self.cycle is not None and not self.cycle.response_complete
+        if not in_flight and not self.transport.is_closing():
+            self.transport.close()
+
+
 class DrainingServer(uvicorn.Server):
     """On the first SIGTERM/SIGINT: stop taking jobs (webhooks get 503), stop the CLIs and
     report them interrupted, then let uvicorn shut down. A second signal exits at once."""
@@ -202,5 +237,6 @@ def serve(settings: Settings, environ: Mapping[str, str], redactor: Redactor | N
         access_log=False,
         timeout_graceful_shutdown=2,
         lifespan="on",
+        http=HeadTimeoutProtocol,
     )
     DrainingServer(config, app, settings.shutdown_grace_s).run()
