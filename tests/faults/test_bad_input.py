@@ -62,37 +62,47 @@ def _head(w: WorkerProcess, extra: str = "", length: int | None = 1000) -> bytes
 
 
 class Loris(threading.Thread):
-    """One slow-loris connection: headers at once, then the body one byte every `gap_s`,
-    until the server answers (or `limit_s` passes). Records the seconds from the end of the
-    headers to the first byte of the answer, and the answer's status line."""
+    """One slow-loris connection, until the server answers or closes (or `limit_s` passes).
 
-    def __init__(self, w: WorkerProcess, *, chunked: bool = False, gap_s: float = 0.5) -> None:
+    `body`/`chunked`: headers at once, then the body one byte every `gap_s`; `head`: the
+    request line, then one header line every `gap_s`, never the blank line; `silent`: connect
+    and send nothing. Records the seconds from the first byte (connect for `silent`) to the
+    answer or close, and the answer's status line (empty when closed without one)."""
+
+    def __init__(self, w: WorkerProcess, mode: str = "body", gap_s: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.w, self.chunked, self.gap_s = w, chunked, gap_s
+        self.w, self.mode, self.gap_s = w, mode, gap_s
         self.status_line = b""
+        self.closed = False
         self.elapsed_s = -1.0
-        self.sent = 0
 
     def run(self) -> None:
         limit_s = BODY_TIMEOUT_S + 8
+        drip = {"body": b"{", "chunked": b"1\r\n{\r\n", "head": b"X-Drip: a\r\n", "silent": b""}
         with socket.create_connection(("127.0.0.1", self.w.port), timeout=limit_s) as s:
-            if self.chunked:
+            if self.mode == "chunked":
                 s.sendall(_head(self.w, "Transfer-Encoding: chunked\r\n", None))
-            else:
+            elif self.mode == "body":
                 s.sendall(_head(self.w))
+            elif self.mode == "head":
+                s.sendall(b"POST /v1/webhooks HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             t0 = time.monotonic()
             s.settimeout(self.gap_s)
             answer = b""
             while time.monotonic() - t0 < limit_s:
                 try:
                     answer = s.recv(4096)
+                    self.closed = answer == b""
                     break  # an answer, or b"" when the server closed
                 except TimeoutError:
                     pass
+                except ConnectionResetError:
+                    self.closed = True
+                    break
                 try:
-                    s.sendall(b"1\r\n{\r\n" if self.chunked else b"{")
-                    self.sent += 1
+                    s.sendall(drip[self.mode])
                 except OSError:
+                    self.closed = True
                     break
             self.elapsed_s = time.monotonic() - t0
             self.status_line = answer.split(b"\r\n", 1)[0]
@@ -102,7 +112,8 @@ class Loris(threading.Thread):
 def test_slow_loris_gets_408_and_many_do_not_block_a_webhook(
     worker: WorkerProcess, git_server: GitHttpServer
 ) -> None:
-    lorises = [Loris(worker, chunked=i % 5 == 0) for i in range(60)]
+    modes = ["body"] * 4 + ["chunked", "head", "silent"]
+    lorises = [Loris(worker, modes[i % len(modes)]) for i in range(70)]
     for lo in lorises:
         lo.start()
     time.sleep(2.0)  # every loris is mid-body now
@@ -118,14 +129,21 @@ def test_slow_loris_gets_408_and_many_do_not_block_a_webhook(
     for lo in lorises:
         lo.join(timeout=BODY_TIMEOUT_S + 15)
         assert not lo.is_alive()
-    statuses = {lo.status_line for lo in lorises}
+    bodies = [lo for lo in lorises if lo.mode in ("body", "chunked")]
+    heads = [lo for lo in lorises if lo.mode in ("head", "silent")]
+    statuses = {lo.status_line for lo in bodies}
     assert statuses == {b"HTTP/1.1 408 Request Timeout"}, statuses
-    times = sorted(lo.elapsed_s for lo in lorises)
-    # 408 at BODY_TIMEOUT_S from the first body read; never before, and not much later.
-    assert times[0] >= BODY_TIMEOUT_S - 0.5 and times[-1] <= BODY_TIMEOUT_S + 2.0, times
-    FIGURES["loris_60_time_to_408_s"] = (round(times[0], 2), round(times[-1], 2))
-    FIGURES["webhook_ack_amid_60_loris_s"] = round(ack_s, 3)
-    FIGURES["healthz_amid_60_loris_s"] = round(health_s, 3)
+    # A head that never completes: the connection is closed (HEAD_READ_TIMEOUT_S, 10 s).
+    assert all(lo.closed and not lo.status_line for lo in heads), [
+        (lo.mode, lo.status_line, lo.elapsed_s) for lo in heads
+    ]
+    for group, name in ((bodies, "408"), (heads, "close")):
+        times = sorted(lo.elapsed_s for lo in group)
+        # At 10 s from the connection's first byte; never before, and not much later.
+        assert times[0] >= BODY_TIMEOUT_S - 0.5 and times[-1] <= BODY_TIMEOUT_S + 2.0, times
+        FIGURES[f"loris_{len(group)}_time_to_{name}_s"] = (round(times[0], 2), round(times[-1], 2))
+    FIGURES["webhook_ack_amid_70_loris_s"] = round(ack_s, 3)
+    FIGURES["healthz_amid_70_loris_s"] = round(health_s, 3)
     # No job, no delivery from any of them.
     assert {j["jobId"] for j in httpx.get(f"{worker.url}/v1/jobs").json()["jobs"]} >= {"amid-loris"}
     assert "loris" not in _delivery_ids(worker)
