@@ -5,6 +5,7 @@ to loopback, and redirects to a private address."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import sqlite3
 import threading
@@ -349,6 +350,48 @@ def test_fuzz_real_server_no_5xx_no_state_change_without_signature(
                 seen[int(status)] = seen.get(int(status), 0) + 1
 
         check_raw()
+
+        # Signed, but the envelope mutated at one place: answered 4xx, never 5xx. The URL's
+        # host is not allowed, so even a still-valid start records nothing.
+        json_values = st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | printable,
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(printable, c, max_size=3),
+            max_leaves=6,
+        )
+        paths = st.sampled_from(
+            [
+                ("type",),
+                ("data",),
+                ("data", "jobId"),
+                ("data", "attempt"),
+                ("data", "callbackToken"),
+                ("data", "repository"),
+                ("data", "repository", "url"),
+                ("data", "repository", "ref"),
+                ("data", "options"),
+                ("data", "priority"),
+                ("data", "options", "model"),
+                ("data", "options", "steps"),
+                ("extra",),
+            ]
+        )
+
+        @settings(max_examples=150, deadline=None, database=None)
+        @given(path=paths, value=json_values, n=st.integers(0, 10**6))
+        def check_signed(path: tuple[str, ...], value: object, n: int) -> None:
+            doc = json.loads(start_body(f"sg{n}", "https://example.org/o/r.git"))
+            doc["data"]["options"] = {"model": "claude-sonnet-4-20250514"}
+            node = doc
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            body = json.dumps(doc).encode()
+            r = client.post("/v1/webhooks", content=body, headers=headers_for(body, f"sg{n}:1"))
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            assert r.status_code in (400, 404, 422), (r.status_code, r.text, path, value)
+            assert r.headers["content-type"] == "application/problem+json"
+
+        check_signed()
     assert httpx.get(f"{worker.url}/healthz").status_code == 200
     assert _state(worker) == before
     # The oracle works: the same kind of request, correctly signed, does change the state.
