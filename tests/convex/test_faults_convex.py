@@ -321,7 +321,7 @@ def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowGitServ
     make_repo(root / "mid.git", sim(step_delay_s=0.5))
     make_repo(root / "slow.git", sim(step_delay_s=1.0))
     make_repo(root / "slowclone.git", sim(step_delay_s=0.3))
-    make_repo(root / "outage.git", sim(step_delay_s=6.0))
+    make_repo(root / "outage.git", sim(step_delay_s=8.0))
     with SlowGitServer(root, delay_s=1.0) as server:
         yield server
 
@@ -342,7 +342,7 @@ def test_sigkill_in_every_phase_then_restart_completes_every_job(
         WORKER_URL=f"http://127.0.0.1:{port}",
         WEBHOOK_SECRET=SECRET,
         MAX_PARALLEL=slots,
-        LEASE_MS=4000,
+        LEASE_MS=5000,
         CLAIM_TIMEOUT_MS=5000,
         DISPATCH_TIMEOUT_MS=3000,
         SWEEP_INTERVAL_MS=250,
@@ -594,7 +594,7 @@ def test_convex_unreachable_for_30_s_mid_job(tmp_path: Path, git_server: SlowGit
             resumed_s = wait_until(
                 "progress after the outage",
                 lambda: bridge.job(job_id)["lastSeq"] > during["lastSeq"],
-                timeout_s=15,
+                timeout_s=20,
             )
             job = bridge.wait_job(job_id, FINAL, timeout_s=40)
             done_s = time.monotonic() - t_up
