@@ -4,7 +4,8 @@ CLIs stream output at full speed (`flood_lines`), against the same probes with n
 The worker reports to a recording fake of the Convex HTTP API (`FakeConvex`): the flood jobs'
 claims are accepted (they clone from a git server on 127.0.0.1 and run the simulator), the
 probes' claims are refused, so every probe is a real new job that ends at once and never takes
-a slot for long. MAX_CONCURRENT_JOBS = 2 flood slots + 2 for the probes. Probes are sent one at
+a slot for long. MAX_CONCURRENT_JOBS = 2 flood slots + 50 for the probes (a probe's job
+can outlive the next probe on a saturated loop; no probe may get a 503). Probes are sent one at
 a time, 20 ms apart, by `bench.loadgen` in its own process. Production progress intervals.
 """
 
@@ -33,7 +34,8 @@ from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.signing import cancel_body
 
 GOAL = 1.5
-FLOOD_JOBS = 2
+FLOOD_JOBS = 2  # the default MAX_CONCURRENT_JOBS
+PROBE_SLOTS = 50  # a refused probe job can outlive the next probe on a saturated loop
 
 
 def probe(port: int, n: int, prefix: str) -> Any:
@@ -68,7 +70,7 @@ def run(smoke: bool) -> list[Result]:
             FakeConvex(claim_ok=lambda job_id: job_id.startswith("flood")) as convex,
             start_worker(
                 tmp,
-                MAX_CONCURRENT_JOBS=str(FLOOD_JOBS + 2),
+                MAX_CONCURRENT_JOBS=str(FLOOD_JOBS + PROBE_SLOTS),
                 PROGRESS_MIN_INTERVAL_S="1",
                 HEARTBEAT_S="15",
                 CONVEX_URL=convex.url,
