@@ -13,6 +13,7 @@ Figures printed here (`-s`) are the ones written down in docs/RELIABILITY-CONVEX
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -246,10 +247,8 @@ def sigkill_with_children(worker: WorkerProcess) -> None:
     worker.signal(signal.SIGKILL)
     worker.wait(timeout_s=10)
     for child in children:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(children, timeout=5)
 
 
