@@ -383,8 +383,12 @@ def test_sigkill_in_every_phase_then_restart_completes_every_job(
             (
                 "mixed (staggered jobs, kill at the first upload)",
                 "slowclone",
-                lambda ids: lambda: any(
-                    j["status"] == "gathering" for i, j in jobs_by_id(bridge).items() if i in ids
+                lambda ids: (
+                    lambda: any(
+                        j["status"] == "gathering"
+                        for i, j in jobs_by_id(bridge).items()
+                        if i in ids
+                    )
                 ),
                 1.2,
             ),
@@ -400,9 +404,7 @@ def test_sigkill_in_every_phase_then_restart_completes_every_job(
                 all_ids += ids
                 wait_until(f"round {n} ({phase})", ready(ids), timeout_s=40)
                 at_kill = jobs_by_id(bridge)
-                phases = sorted(
-                    f"{at_kill[i]['status']}@{at_kill[i]['currentStep']}" for i in ids
-                )
+                phases = sorted(f"{at_kill[i]['status']}@{at_kill[i]['currentStep']}" for i in ids)
                 killed_at = time.time() * 1000
                 sigkill_with_children(worker)
                 worker = start_worker(tmp_path, f"w{n}", proxy.url, port=port, **worker_env)
@@ -434,7 +436,9 @@ def test_sigkill_in_every_phase_then_restart_completes_every_job(
             for line in figures:
                 say(line)
             say(
-                "crash: jobs", len(all_ids), "attempts",
+                "crash: jobs",
+                len(all_ids),
+                "attempts",
                 sorted(final[i]["attempt"] for i in all_ids),
             )
         finally:
@@ -577,8 +581,10 @@ def test_convex_unreachable_for_30_s_mid_job(tmp_path: Path, git_server: SlowGit
             job_id = create(bridge, git_server.url_for("outage"))
             wait_until(
                 "step 1",
-                lambda: bridge.job(job_id)["status"] == "analyzing"
-                and bridge.job(job_id)["currentStep"] >= 1,
+                lambda: (
+                    bridge.job(job_id)["status"] == "analyzing"
+                    and bridge.job(job_id)["currentStep"] >= 1
+                ),
                 timeout_s=30,
             )
             before = bridge.job(job_id)
@@ -747,9 +753,18 @@ FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "complete": {"workerId": _str, "docsCount": _num, "durationMs": _num},
     "fail": {
         "workerId": _str,
-        "code": lambda v: v
-        in ("clone_failed", "cli_failed", "timeout", "canceled", "interrupted", "output_invalid",
-            "internal"),
+        "code": lambda v: (
+            v
+            in (
+                "clone_failed",
+                "cli_failed",
+                "timeout",
+                "canceled",
+                "interrupted",
+                "output_invalid",
+                "internal",
+            )
+        ),
         "message": _str,
         "retryable": lambda v: isinstance(v, bool),
     },
@@ -762,11 +777,13 @@ garbage = st.recursive(
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=40)
     | st.sampled_from(["", "A" * 1_000_000, "\u0000", "../../etc", "fondation:claim"]),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(
-        st.text(max_size=10) | st.sampled_from(["$integer", "$bytes", "slug", "_id"]),
-        inner,
-        max_size=4,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=10) | st.sampled_from(["$integer", "$bytes", "slug", "_id"]),
+            inner,
+            max_size=4,
+        )
     ),
     max_leaves=12,
 )
@@ -776,12 +793,23 @@ def valid_args(fn: str, auth: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {
         "claim": {},
         "progress": {
-            "seq": 99, "status": "gathering", "currentStep": 6, "totalSteps": 6,
-            "message": "fuzz", "logs": ["fuzz line"],
+            "seq": 99,
+            "status": "gathering",
+            "currentStep": 6,
+            "totalSteps": 6,
+            "message": "fuzz",
+            "logs": ["fuzz line"],
         },
         "putDocs": {
-            "docs": [{"slug": "fuzz", "title": "Fuzz", "kind": "chapter", "chapterIndex": 9,
-                      "content": "fuzz"}]
+            "docs": [
+                {
+                    "slug": "fuzz",
+                    "title": "Fuzz",
+                    "kind": "chapter",
+                    "chapterIndex": 9,
+                    "content": "fuzz",
+                }
+            ]
         },
         "complete": {"docsCount": 1, "durationMs": 5},
         "fail": {"code": "cli_failed", "message": "fuzz", "retryable": False},
@@ -819,8 +847,9 @@ def test_fuzzed_callbacks_never_5xx_and_never_change_a_job_without_its_token(
         progress = valid_args("progress", auths[running]) | {"seq": 1, "status": "analyzing"}
         assert bridge.mutation("fondation:progress", progress)["ok"] is True
         doc = valid_args("putDocs", auths[running]) | {
-            "docs": [{"slug": "a", "title": "A", "kind": "yaml", "chapterIndex": None,
-                      "content": "x"}]
+            "docs": [
+                {"slug": "a", "title": "A", "kind": "yaml", "chapterIndex": None, "content": "x"}
+            ]
         }
         assert bridge.mutation("fondation:putDocs", doc)["ok"] is True
 
@@ -841,9 +870,12 @@ def test_fuzzed_callbacks_never_5xx_and_never_change_a_job_without_its_token(
             return r
 
         def flip(token: str) -> st.SearchStrategy[Any]:
-            return st.sampled_from(
-                [token[:-1], token + "x", token.upper(), token[::-1], "", tokens[waiting]]
-            ) | garbage
+            return (
+                st.sampled_from(
+                    [token[:-1], token + "x", token.upper(), token[::-1], "", tokens[waiting]]
+                )
+                | garbage
+            )
 
         @st.composite
         def bad_auth_call(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
@@ -858,9 +890,7 @@ def test_fuzzed_callbacks_never_5xx_and_never_change_a_job_without_its_token(
                     st.sampled_from([running, waiting, running[:-1] + "x", "", "jobs"]) | garbage
                 )
             if "attempt" in corrupt:
-                args["attempt"] = draw(
-                    st.sampled_from([0, 2, -1, 1.5, 2**53, "1", None]) | garbage
-                )
+                args["attempt"] = draw(st.sampled_from([0, 2, -1, 1.5, 2**53, "1", None]) | garbage)
             if "callbackToken" in corrupt:
                 args["callbackToken"] = draw(flip(tokens[job]))
             for name in draw(st.sets(st.sampled_from(sorted(FIELDS[fn])), max_size=2)):
