@@ -8,7 +8,9 @@ import ipaddress
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlsplit
 
 from app.errors import UrlPolicyError
@@ -22,10 +24,17 @@ _HOST_RE = re.compile(r"^[a-z0-9.-]+$|^\[[0-9a-f:.]+\]$")
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
+# Resolution gets its own threads: the default executor also runs git clones and file work,
+# and a webhook's ack must not queue behind a slow clone for a thread.
+_DNS_EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
+
+
 async def system_resolver(host: str, port: int) -> list[str]:
     """Resolve with the OS resolver without blocking the event loop."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await loop.run_in_executor(
+        _DNS_EXECUTOR, partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    )
     return sorted({str(info[4][0]) for info in infos})
 
 

@@ -156,3 +156,22 @@ def test_bad_refs_refused(ref: str) -> None:
 )
 def test_good_refs_pass(ref: str) -> None:
     assert check_ref(ref) == ref
+
+
+async def test_resolution_does_not_queue_behind_busy_default_threads() -> None:
+    """Clones and file work fill the default executor; the intake's DNS must not wait."""
+    import asyncio
+    import threading
+
+    from app.urlpolicy import system_resolver
+
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    blockers = [loop.run_in_executor(None, release.wait, 30) for _ in range(64)]
+    try:
+        addresses = await asyncio.wait_for(system_resolver("localhost", 80), 20)
+        assert addresses
+        assert not any(b.done() for b in blockers)  # answered while every default thread is busy
+    finally:
+        release.set()
+        await asyncio.gather(*blockers)
