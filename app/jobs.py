@@ -485,14 +485,13 @@ class _Pipeline:
         )
         step_clock = _StepClock(self.d.metrics, self.ctx, t0)
 
-        def on_line(line: str) -> None:
-            self.d.metrics.cli_output_lines.inc()
-            line = self.d.redactor.scrub(line)  # a CLI may echo a key it was given
+        def on_lines(lines: list[str]) -> None:
+            # Called once per read with every line of it: per-line work stays in C.
+            self.d.metrics.cli_output_lines.inc(len(lines))
             now = self._now()
-            update = self.tracker.feed(line, now)
-            step, total = self.tracker.current
-            step_clock.observe(step, total, self.tracker.message, now)
-            if update is not None:
+            for update in self.tracker.feed_many(self.d.redactor.scrub_lines(lines), now):
+                step, total = update.current_step, update.total_steps
+                step_clock.observe(step, total, update.message, now)
                 self.sender.push(update)
 
         result = await process.run_cli(
@@ -501,7 +500,7 @@ class _Pipeline:
             cwd=self.workspace,
             timeout_s=s.job_timeout_s,
             term_grace_s=self.d.term_grace_s,
-            on_line=on_line,
+            on_lines=on_lines,
             stop=self.run.stop,
             tail_lines=s.log_tail_lines,
         )

@@ -37,6 +37,14 @@ class Redactor:
         if secret:
             self._secrets.discard(secret)
 
+    def scrub_lines(self, lines: list[str]) -> list[str]:
+        """`scrub` for a batch: one search per secret over the whole batch, and the lines are
+        returned as they are when none holds a secret (the common case)."""
+        joined = "\n".join(lines)
+        if not any(secret in joined for secret in self._secrets):
+            return lines
+        return [self.scrub(line) for line in lines]
+
     def scrub(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:

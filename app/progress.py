@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.domain import JobStatus, Progress
@@ -150,6 +151,41 @@ class ProgressTracker:
         if self._interval_passed(now_s):
             return self._emit(now_s)
         return None
+
+    def feed_many(self, lines: Sequence[str], now_s: float) -> list[Progress]:
+        """`feed` for a batch read at once: the same reports, at a fraction of the cost.
+
+        Only lines holding `[`, `/` and `]` can be step lines; the rest are logs, of which only
+        the newest `max_log_lines` can survive in the ring, so only those are cleaned."""
+        out: list[Progress] = []
+        logs: list[str] = []
+        for line in lines:
+            if "]" in line and "/" in line and "[" in line:
+                self._add_logs(logs)
+                logs = []
+                update = self.feed(line, now_s)
+                if update is not None:
+                    out.append(update)
+            else:
+                logs.append(line)
+        if logs:
+            self._add_logs(logs)
+            if self._logs and self._interval_passed(now_s):
+                out.append(self._emit(now_s))
+        return out
+
+    def _add_logs(self, lines: Sequence[str]) -> None:
+        keep = self._logs.maxlen or 0
+        self.dropped_lines += max(0, len(lines) - keep)
+        for line in lines[len(lines) - keep :] if keep else ():
+            text = _ANSI.sub("", line_text(line)).rstrip()
+            if not text.strip():
+                continue
+            if len(text) > self.max_line_chars:
+                text = text[: self.max_line_chars - 1] + "…"
+            if len(self._logs) == self._logs.maxlen:
+                self.dropped_lines += 1
+            self._logs.append(text)
 
     def tick(self, now_s: float) -> Progress | None:
         if self._logs and self._interval_passed(now_s):

@@ -39,6 +39,7 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _KNOWN = frozenset({"repo_dir", "output_dir", "model", "steps"})
 TRUNCATED_MARK = " …[truncated]"
 _CHUNK = 65536
+_COALESCE_S = 0.01  # at most ~100 wake-ups per second per stream for a chatty CLI
 _DRAIN_AFTER_EXIT_S = 5.0
 
 
@@ -144,37 +145,45 @@ class CliResult:
 
 
 class _Lines:
-    """Shared line accounting for both streams."""
+    """Shared line accounting for both streams; lines go to the callback a chunk at a time."""
 
-    def __init__(self, on_line: Callable[[str], None], tail_lines: int) -> None:
-        self.on_line = on_line
+    def __init__(self, on_lines: Callable[[list[str]], None], tail_lines: int) -> None:
+        self.on_lines = on_lines
         self.tail: deque[str] = deque(maxlen=max(tail_lines, 0))
         self.stderr_tail: deque[str] = deque(maxlen=max(tail_lines, 0))
         self.count = 0
         self._callback_failed = False
 
-    def emit(self, raw: bytes | bytearray, truncated: bool, is_stderr: bool) -> None:
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        text = bytes(raw).decode("utf-8", errors="replace")
-        if truncated:
-            text += TRUNCATED_MARK
-        self.count += 1
-        self.tail.append(text)
+    def emit(self, raws: list[tuple[bytes, bool]], is_stderr: bool) -> None:
+        """Decode a batch of (line bytes, truncated) and hand it on in one call."""
+        if not raws:
+            return
+        texts = []
+        for raw, truncated in raws:
+            text = raw.removesuffix(b"\r").decode("utf-8", errors="replace")
+            texts.append(text + TRUNCATED_MARK if truncated else text)
+        self.count += len(texts)
+        self.tail.extend(texts)  # deques keep only the newest `maxlen`
         if is_stderr:
-            self.stderr_tail.append(text)
+            self.stderr_tail.extend(texts)
         try:
-            self.on_line(text)
+            self.on_lines(texts)
         except Exception:
             if not self._callback_failed:  # log once, keep the process supervised
                 self._callback_failed = True
-                _log.exception("on_line callback failed; further failures are not logged")
+                _log.exception("on_lines callback failed; further failures are not logged")
 
 
 async def _read_lines(
     stream: asyncio.StreamReader, sink: _Lines, *, is_stderr: bool, max_line_bytes: int
 ) -> None:
-    """Read `stream` in chunks and emit each line; memory stays under max_line_bytes + chunk."""
+    """Read `stream` in chunks and emit its lines a chunk at a time; memory stays under
+    max_line_bytes + one chunk.
+
+    A CLI that flushes every line would otherwise wake the event loop once per line; after a
+    short read we wait `_COALESCE_S` so the pipe fills and the next read takes many lines at
+    once. A full read means output is flowing: no wait, and the pipe's own backpressure
+    bounds the CLI."""
     buf = bytearray()
     truncated = False
 
@@ -191,14 +200,23 @@ async def _read_lines(
         if not chunk:
             break
         pieces = chunk.split(b"\n")
+        batch: list[tuple[bytes, bool]] = []
         for piece in pieces[:-1]:
-            add(piece)
-            sink.emit(buf, truncated, is_stderr)
-            buf.clear()
-            truncated = False
+            if buf or truncated:
+                add(piece)
+                batch.append((bytes(buf), truncated))
+                buf.clear()
+                truncated = False
+            elif len(piece) > max_line_bytes:
+                batch.append((piece[:max_line_bytes], True))
+            else:
+                batch.append((piece, False))
         add(pieces[-1])
+        sink.emit(batch, is_stderr)
+        if len(chunk) < _CHUNK:
+            await asyncio.sleep(_COALESCE_S)
     if buf or truncated:
-        sink.emit(buf, truncated, is_stderr)
+        sink.emit([(bytes(buf), truncated)], is_stderr)
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:
@@ -213,7 +231,7 @@ async def run_cli(
     cwd: Path,
     timeout_s: float,
     term_grace_s: float,
-    on_line: Callable[[str], None],
+    on_lines: Callable[[list[str]], None],
     stop: asyncio.Event,
     tail_lines: int = 40,
     max_line_bytes: int = 65536,
@@ -221,8 +239,8 @@ async def run_cli(
     """Run `argv` without a shell in its own process group and supervise it.
 
     stdout and stderr are read concurrently; every line (decoded as UTF-8 with replacement,
-    cut at `max_line_bytes` and marked with `TRUNCATED_MARK`) goes to `on_line`, which runs
-    on the event loop and must not block. The run ends when the process exits, when
+    cut at `max_line_bytes` and marked with `TRUNCATED_MARK`) goes to `on_lines`, a batch per
+    read, which runs on the event loop and must not block. The run ends when the process exits, when
     `timeout_s` passes (`timed_out`), or when `stop` is set (`stopped`); in the last two
     cases the group gets SIGTERM, then SIGKILL after `term_grace_s`. Whatever happens, the
     group is SIGKILLed once the leader has exited, and the leader is always reaped, also when
@@ -241,7 +259,7 @@ async def run_cli(
         start_new_session=True,
     )
     pgid = proc.pid  # start_new_session: the child leads its own session and group
-    sink = _Lines(on_line, tail_lines)
+    sink = _Lines(on_lines, tail_lines)
     assert proc.stdout is not None and proc.stderr is not None
     readers = asyncio.gather(
         _read_lines(proc.stdout, sink, is_stderr=False, max_line_bytes=max_line_bytes),

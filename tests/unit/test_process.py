@@ -46,7 +46,7 @@ async def run(
         cwd=tmp_path,
         timeout_s=timeout_s,
         term_grace_s=term_grace_s,
-        on_line=seen.append,
+        on_lines=seen.extend,
         stop=stop or asyncio.Event(),
         **kw,
     )
@@ -184,7 +184,7 @@ async def test_child_sees_only_filtered_env(tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout_s=30,
         term_grace_s=1,
-        on_line=lines.append,
+        on_lines=lines.extend,
         stop=asyncio.Event(),
     )
     assert result.exit_code == 0
@@ -256,7 +256,7 @@ async def test_missing_program_raises_oserror(tmp_path: Path) -> None:
             cwd=tmp_path,
             timeout_s=5,
             term_grace_s=1,
-            on_line=lambda _: None,
+            on_lines=lambda _: None,
             stop=asyncio.Event(),
         )
 
@@ -271,7 +271,7 @@ async def test_failing_callback_does_not_break_supervision(tmp_path: Path) -> No
         cwd=tmp_path,
         timeout_s=10,
         term_grace_s=1,
-        on_line=boom,
+        on_lines=boom,
         stop=asyncio.Event(),
     )
     assert result.exit_code == 0 and result.lines == 2
@@ -311,7 +311,7 @@ async def test_100mb_flood_of_lines_keeps_memory_bounded(tmp_path: Path) -> None
             cwd=tmp_path,
             timeout_s=90,
             term_grace_s=1,
-            on_line=on_line,
+            on_lines=lambda batch: [on_line(x) for x in batch],
             stop=asyncio.Event(),
         )
     assert result.exit_code == 0
@@ -362,7 +362,7 @@ async def test_stop_event_kills_the_whole_group(tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout_s=30,
         term_grace_s=2,
-        on_line=on_line,
+        on_lines=lambda batch: [on_line(x) for x in batch],
         stop=stop,
     )
     assert result.stopped and not result.timed_out and not result.killed
@@ -405,7 +405,13 @@ async def test_sigterm_ignored_gets_sigkill_after_grace(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     result = await run_cli(
-        py(code), env={}, cwd=tmp_path, timeout_s=30, term_grace_s=0.5, on_line=on_line, stop=stop
+        py(code),
+        env={},
+        cwd=tmp_path,
+        timeout_s=30,
+        term_grace_s=0.5,
+        on_lines=lambda batch: [on_line(x) for x in batch],
+        stop=stop,
     )
     elapsed = loop.time() - t0
     assert result.stopped and result.killed
@@ -428,7 +434,7 @@ async def test_cancelling_run_cli_reaps_the_group(tmp_path: Path) -> None:
             cwd=tmp_path,
             timeout_s=60,
             term_grace_s=1,
-            on_line=on_line,
+            on_lines=lambda batch: [on_line(x) for x in batch],
             stop=asyncio.Event(),
         )
     )

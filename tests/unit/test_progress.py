@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.domain import JobStatus
+from app.domain import JobStatus, Progress
 from app.progress import ProgressTracker, StepLine, parse_step
 
 
@@ -244,3 +244,36 @@ def test_tracker_properties(
     f = t.final(JobStatus.COMPLETED, "done", now)
     assert f.seq == last_seq + 1
     assert len(f.logs) <= max_logs
+
+
+_batch_lines = st.lists(
+    st.one_of(
+        st.builds(
+            lambda i, n: f"[FONDATION_STEP_{min(i, n)}/{n}] step",
+            st.integers(1, 6),
+            st.integers(1, 6),
+        ),
+        st.text(max_size=30),
+        st.just("flood line 3/100: output"),
+    ),
+    max_size=60,
+)
+
+
+@given(lines=_batch_lines, cut=st.integers(0, 60))
+def test_feed_many_reports_the_same_steps_as_feed(lines: list[str], cut: int) -> None:
+    """Batching is an optimisation only: the same step changes in the same order, the same
+    final state, and logs still bounded."""
+    one, many = ProgressTracker(1.0, 15.0), ProgressTracker(1.0, 15.0)
+    singles = [u for line in lines if (u := one.feed(line, 0.0)) is not None]
+    batched = many.feed_many(lines[:cut], 0.0) + many.feed_many(lines[cut:], 0.0)
+
+    def steps(us: list[Progress]) -> list[tuple[int, int]]:
+        # Log-only reports may be coalesced differently; step states are what must agree.
+        return [(u.current_step, u.total_steps) for u in us if u.current_step]
+
+    changes_one = [s for i, s in enumerate(steps(singles)) if i == 0 or s != steps(singles)[i - 1]]
+    changes_many = [s for i, s in enumerate(steps(batched)) if i == 0 or s != steps(batched)[i - 1]]
+    assert changes_one == changes_many
+    assert one.current == many.current and one.message == many.message
+    assert all(len(u.logs) <= 20 for u in batched)
