@@ -180,10 +180,11 @@ async def _read_lines(
     """Read `stream` in chunks and emit its lines a chunk at a time; memory stays under
     max_line_bytes + one chunk.
 
-    A CLI that flushes every line would otherwise wake the event loop once per line; after a
-    short read we wait `_COALESCE_S` so the pipe fills and the next read takes many lines at
-    once. A full read means output is flowing: no wait, and the pipe's own backpressure
-    bounds the CLI."""
+    A CLI that flushes every line would otherwise wake the event loop once per line, and one
+    that floods would take a whole core from the webhook acks. After every read we wait
+    `_COALESCE_S`: the pipe fills meanwhile, the next read takes many lines at once, and a
+    flooding CLI is held back by the pipe's backpressure (at most one chunk per stream per
+    wait, ~6 MB/s) instead of by the worker's CPU."""
     buf = bytearray()
     truncated = False
 
@@ -213,8 +214,7 @@ async def _read_lines(
                 batch.append((piece, False))
         add(pieces[-1])
         sink.emit(batch, is_stderr)
-        if len(chunk) < _CHUNK:
-            await asyncio.sleep(_COALESCE_S)
+        await asyncio.sleep(_COALESCE_S)
     if buf or truncated:
         sink.emit([(bytes(buf), truncated)], is_stderr)
 
