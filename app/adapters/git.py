@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -41,6 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -50,6 +52,10 @@ import git
 
 from app.domain import FailureCode
 from app.errors import JobFailure
+
+# Clones hold a thread for up to CLONE_TIMEOUT_S; they get their own pool so that a few slow
+# ones never make the default executor (workspace removal, doc collection) wait.
+_CLONE_EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clone")
 
 __all__ = ["CloneResult", "clone", "dir_size", "remove_tree", "scrub", "validate_ref"]
 
@@ -371,7 +377,10 @@ async def clone(
         validate_ref(ref)
     abort = threading.Event()
     work = asyncio.ensure_future(
-        asyncio.to_thread(_clone_sync, url, ref, dest, token, timeout_s, max_bytes, abort)
+        asyncio.get_running_loop().run_in_executor(
+            _CLONE_EXECUTOR,
+            functools.partial(_clone_sync, url, ref, dest, token, timeout_s, max_bytes, abort),
+        )
     )
     try:
         return await asyncio.shield(work)
