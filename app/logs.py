@@ -88,5 +88,8 @@ def configure_logging(level: str, redactor: Redactor, stream: TextIO | None = No
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
-    # Access logs duplicate our own webhook log line; keep them at warning.
+    # Access logs duplicate our own webhook log line, and httpx logs every callback at INFO
+    # (with its URL); our own callback lines say what matters. Keep both at warning.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
