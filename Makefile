@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check app tests deploy bench
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) deploy/node_modules/.installed
 	$(BIN)/pytest -q -p no:cacheprovider
 
 js-test: deploy/node_modules/.installed

@@ -19,20 +19,19 @@ import psutil
 import pytest
 
 from tests.support.gitserver import GitHttpServer, make_repo
+from tests.support.jobs import (
+    SOURCE,
+    alive,
+    processes_under,
+    sim,
+    spawned_child,
+    submit,
+    wait_for,
+)
 from tests.support.signing import SECRET, cancel_body, headers_for, start_body
 from tests.support.worker import REPO_ROOT, WorkerProcess, base_env
 
 pytestmark = pytest.mark.e2e
-
-SOURCE = {
-    "README.md": "# Demo\n",
-    "lib/util.py": "def util():\n    return 1\n",
-    "src/main.py": "print('hi')\n",
-}
-
-
-def sim(**switches: Any) -> dict[str, str]:
-    return {**SOURCE, ".fondation-sim.json": json.dumps(switches)}
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +58,6 @@ def worker(
     w.stop(timeout_s=30)
 
 
-def submit(w: WorkerProcess, job_id: str, url: str, **kw: Any) -> None:
-    body = start_body(job_id, url, **kw)
-    r = httpx.post(
-        f"{w.url}/v1/webhooks", content=body, headers=headers_for(body, f"{job_id}:1"), timeout=10
-    )
-    assert r.status_code == 202, r.text
-
-
 def events(w: WorkerProcess, job_id: str, timeout_s: float = 60) -> list[dict[str, Any]]:
     """Read the job's SSE stream to its end (bounded)."""
     out: list[dict[str, Any]] = []
@@ -79,44 +70,6 @@ def events(w: WorkerProcess, job_id: str, timeout_s: float = 60) -> list[dict[st
             if line.startswith("data:"):
                 out.append(json.loads(line[5:]))
     return out
-
-
-def job_processes(marker: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in part for part in (p.info["cmdline"] or [])):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def spawned_child(w: WorkerProcess, job_id: str) -> int | None:
-    """The grandchild pid the simulator printed, as it reached the store's progress logs."""
-    import sqlite3
-
-    db = sqlite3.connect(Path(w.env["DATA_DIR"]) / "jobs.sqlite3", timeout=5)
-    try:
-        rows = db.execute(
-            "SELECT data FROM events WHERE job_id = ? AND type = 'progress'", (job_id,)
-        ).fetchall()
-    finally:
-        db.close()
-    for (data,) in rows:
-        for line in json.loads(data).get("logs", []):
-            m = re.search(r"spawned child pid=(\d+)", line)
-            if m:
-                return int(m.group(1))
-    return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_job_completes_with_docs_in_order(worker: WorkerProcess, git_server: GitHttpServer) -> None:
@@ -186,7 +139,7 @@ def test_cancel_mid_run_kills_the_group(worker: WorkerProcess, git_server: GitHt
     job = worker.wait_status("cancelme", {"canceled"}, timeout_s=30)
     assert job["error"]["code"] == "canceled"
     assert not alive(child)
-    assert job_processes("cancelme-1-") == []
+    assert processes_under("cancelme-1-") == []
 
 
 def test_output_flood_keeps_memory_bounded(
@@ -226,7 +179,7 @@ def test_timeout_kills_the_group(tmp_path: Path, git_server: GitHttpServer) -> N
         assert job["error"]["code"] == "timeout"
         child = spawned_child(w, "slowpoke")
         assert child is not None and not alive(child)
-        assert job_processes("slowpoke-1-") == []
+        assert processes_under("slowpoke-1-") == []
     finally:
         w.stop()
 
@@ -253,7 +206,7 @@ def test_sigterm_with_two_jobs_reports_interrupted_within_grace(
     elapsed = time.monotonic() - started
     assert code == 0
     assert elapsed <= grace_s + 1.0, elapsed
-    assert job_processes("t1-1-") == [] and job_processes("t2-1-") == []
+    assert processes_under("t1-1-") == [] and processes_under("t2-1-") == []
     # Read the embedded store directly: both jobs were reported interrupted, retryable.
     out = subprocess.run(
         [
@@ -335,6 +288,8 @@ def test_log_lines_are_json_with_job_context(
 ) -> None:
     submit(worker, "logged", git_server.url_for("happy"))
     worker.wait_status("logged", {"completed"}, timeout_s=60)
+    # "job finished" is written after the final callback: wait for it, bounded.
+    assert wait_for(lambda: '"msg": "job finished", "job_id": "logged"' in worker.logs(), 10)
     records = [json.loads(line) for line in worker.logs().splitlines() if line.strip()]
     assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)
     mine = [r for r in records if r.get("job_id") == "logged"]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.faults.helpers import assert_no_orphans
+from tests.support.jobs import assert_no_orphans
 
 
 @pytest.fixture(autouse=True)

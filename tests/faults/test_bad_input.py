@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.faults.helpers import job, post_start, processes_under, sim, submit, wait_for
 from tests.support.gitserver import GitHttpServer, make_repo
+from tests.support.jobs import job, post_start, processes_under, sim, submit, wait_for
 from tests.support.signing import OTHER_SECRET, headers_for, start_body
 from tests.support.worker import WorkerProcess, base_env
 

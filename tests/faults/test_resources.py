@@ -12,7 +12,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.faults.helpers import (
+from tests.support.gitserver import GitHttpServer, make_repo
+from tests.support.jobs import (
     assert_no_orphans,
     assert_workspace_empty,
     cancel,
@@ -22,7 +23,6 @@ from tests.faults.helpers import (
     wait_for,
     workspace_entries,
 )
-from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.worker import WorkerProcess, base_env
 
 pytestmark = pytest.mark.faults

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from app.config import load_settings
-from tests.faults.helpers import assert_workspace_empty, post_start, sim, wait_for
 from tests.support.gitserver import GitHttpServer, make_repo
+from tests.support.jobs import assert_workspace_empty, post_start, sim, wait_for
 from tests.support.signing import OTHER_SECRET, cancel_body, headers_for, start_body
 from tests.support.worker import REPO_ROOT, WorkerProcess, base_env
 

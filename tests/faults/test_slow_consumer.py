@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import (
+from tests.support.gitserver import GitHttpServer, make_repo
+from tests.support.jobs import (
     alive,
     assert_no_orphans,
     assert_workspace_empty,
@@ -22,7 +23,6 @@ from tests.faults.helpers import (
     submit,
     wait_for,
 )
-from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.worker import WorkerProcess, base_env
 
 pytestmark = pytest.mark.faults

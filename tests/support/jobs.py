@@ -1,5 +1,5 @@
-"""Shared helpers of the fault-injection suite: submitting, polling, and process / workspace
-checks on a real worker process."""
+"""Helpers for tests that drive a real worker process: submitting, polling, and process and
+workspace checks."""
 
 from __future__ import annotations
 
