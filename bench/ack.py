@@ -13,10 +13,8 @@ the load runs, one `fondation:claim` HTTP call and the job's end (no clone, no C
 MAX_CONCURRENT_JOBS is huge, so no 503. The duplicate path re-sends one recorded delivery:
 verify, validate, look up, answer 200 with `duplicate: true`.
 
-Why not jobs parked in a stalled clone: `git.clone` holds a default-executor thread for the
-whole clone, and the webhook's URL check (`loop.getaddrinfo`) needs one too, so with more
-stalled clones than executor threads every `job.start` ack hangs. `stalled_clones` below
-demonstrates it in the full run (a defect, reported in docs/PERFORMANCE.md).
+`stalled_clones` measures the ack of a new job while as many clones stall as the default
+executor has threads: before clones and DNS got their own threads, that ack hung.
 """
 
 from __future__ import annotations
