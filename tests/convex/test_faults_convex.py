@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import psutil
@@ -92,7 +92,33 @@ class _Http(ThreadingHTTPServer):
     block_on_close = False
 
 
-class Sink:
+class _Served:
+    """A threaded HTTP server on 127.0.0.1 with an ephemeral port, as a context manager."""
+
+    httpd: _Http
+    thread: threading.Thread
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = _Http(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class Sink(_Served):
     """Stands in for the worker's URL: answers 202 to every webhook and keeps what it got."""
 
     def __init__(self) -> None:
@@ -117,26 +143,10 @@ class Sink:
                 self.end_headers()
                 self.wfile.write(out)
 
-        self.httpd = _Http(("127.0.0.1", 0), H)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> Sink:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self._serve(H)
 
 
-class Balancer:
+class Balancer(_Served):
     """A round-robin HTTP load balancer on 127.0.0.1, per request, like Scaleway's in front of
     container instances: a backend that refuses the connection is skipped; `set_backends`
     takes an instance out of (or into) rotation."""
@@ -191,10 +201,7 @@ class Balancer:
                 self.end_headers()
                 self.wfile.write(out)
 
-        self.httpd = _Http(("127.0.0.1", 0), H)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-        )
+        self._serve(H)
 
     def order(self) -> list[str]:
         with self.lock:
@@ -208,19 +215,6 @@ class Balancer:
     def set_backends(self, backends: list[str]) -> None:
         with self.lock:
             self.backends = list(backends)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> Balancer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 def start_worker(
