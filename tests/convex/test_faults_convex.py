@@ -335,8 +335,10 @@ def test_sigkill_in_every_phase_then_restart_completes_every_job(
         WORKER_URL=f"http://127.0.0.1:{port}",
         WEBHOOK_SECRET=SECRET,
         MAX_PARALLEL=slots,
-        LEASE_MS=5000,
-        CLAIM_TIMEOUT_MS=5000,
+        # The lease must outlast the restart (1.8-3.6 s seen here), or the re-dispatch hits a
+        # closed port and spends an attempt; 8 s leaves room on a loaded CI machine.
+        LEASE_MS=8000,
+        CLAIM_TIMEOUT_MS=8000,
         DISPATCH_TIMEOUT_MS=3000,
         SWEEP_INTERVAL_MS=250,
         RETRY_BASE_MS=200,
