@@ -20,7 +20,8 @@ When is a step complete (`completed_steps`)? Steps 1-3 by their YAML file;
 ``generate-chapters`` when every chapter ``step3_order.yaml`` lists has a draft (without a
 readable order: when a review or a tutorial exists, as the CLI runs steps in order);
 ``review-chapters`` when every chapter has a reviewed version or a tutorial exists;
-``generate-tutorials`` never (the CLI does not say how many tutorials it writes). The done steps
+``generate-tutorials`` never (the CLI does not say how many tutorials it writes); and any step
+the checkpoint says ended (`Checkpoint.ended`). The done steps
 are the longest complete prefix of the job's steps. A step thought incomplete is simply run
 again, and chapter, review and tutorial generation skip the files that exist, so this costs
 little, while a step wrongly thought complete would lose output. Files of steps after the first
@@ -72,6 +73,9 @@ class Checkpoint:
 
     commit: str
     files: tuple[CheckpointFile, ...]
+    ended: tuple[str, ...] = ()
+    """Steps that attempt saw end (the next one started, or the CLI exited 0) AND whose files
+    it then uploaded in full (`OutputTracker.step_ended`): complete whatever the files say."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +187,7 @@ def plan_resume(
             )
     by_path = {f.path: f.data for f in checkpoint.files}
     complete = completed_steps(by_path, by_path.get(_YAML_OF_STEP["order"]))
+    complete |= set(checkpoint.ended)
     steps = tuple(job_steps) or STEP_NAMES
     done: list[str] = []
     for step in steps:
@@ -402,6 +407,8 @@ def _empty(root: Path) -> None:
                 raise
 
 
-def checkpoint_from_mapping(commit: str, files: Mapping[str, bytes]) -> Checkpoint:
+def checkpoint_from_mapping(
+    commit: str, files: Mapping[str, bytes], ended: Sequence[str] = ()
+) -> Checkpoint:
     """A `Checkpoint` from name -> bytes (as a claim's answer may carry it)."""
-    return Checkpoint(commit, tuple(CheckpointFile(p, d) for p, d in files.items()))
+    return Checkpoint(commit, tuple(CheckpointFile(p, d) for p, d in files.items()), tuple(ended))

@@ -308,3 +308,17 @@ def test_tracker_refuses_links(tmp_path: Path) -> None:
     upload = tracker.step_ended("generate-chapters")
     assert [f.path for f in upload.files] == ["chapters/chapter_2_b.md"]
     assert tracker.refused >= {"tutorials/"}
+
+
+def test_steps_seen_ending_count_as_done(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Files alone cannot tell the simulator's review is complete (it reviews odd chapters
+    only); the previous attempt saw step 6 begin, so step 5 had ended."""
+    out = tmp_path / "out"
+    sim(repo, out, *STEP_NAMES[:5])
+    files = files_of(out)
+    assert plan_of(out).remaining == STEP_NAMES[4:]
+    cp = checkpoint_from_mapping(SHA, files, ended=STEP_NAMES[:5])
+    plan = plan_resume(cp, clone_commit=SHA, max_doc_bytes=MAX)
+    assert (plan.done, plan.remaining) == (STEP_NAMES[:5], ("generate-tutorials",))
