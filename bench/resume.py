@@ -7,9 +7,10 @@ step before it has ended and `OutputTracker.step_ended` hands out its files (wha
 uploads as partial docs). The process is then killed (SIGKILL, as a lost instance). Attempt 2:
 `plan_resume` on those files and ended steps, `restore` into a fresh output directory, and the
 simulator started with `ResumePlan.options` (the remaining `--steps`); its time runs from
-before the restore to the CLI's exit. Baseline: one uninterrupted run of all six steps, timed
-per step from its step lines: "steps left" of k = from step k's line to the exit; "start" =
-from the spawn to step 1's line (Python and imports: any attempt pays it once).
+before the restore to the CLI's exit. Baseline: uninterrupted runs of all six steps (median
+of 3, smoke 1), timed per step from their step lines: "steps left" of k = from step k's line
+to the exit; "start" = from the spawn to step 1's line (Python and imports: any attempt pays
+it once).
 
 Ratio per k: resumed attempt / (start + steps left) (goal <= 1.1): what resuming adds beyond
 the CLI run of the remaining steps (restore, step lines of restarted steps). Also printed:
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 from app.checkpoint import OutputTracker, checkpoint_from_mapping, plan_resume, restore
 from app.collect import collect_docs
@@ -113,7 +115,7 @@ def _interrupted(
 
 
 def run(smoke: bool) -> list[Result]:
-    delay_s = 0.5 if smoke else 2.0
+    delay_s, rounds = (0.5, 1) if smoke else (2.0, 3)
     timeout_s = 30 * delay_s + 30
     results: list[Result] = []
     with bench_dir("resume") as tmp:
@@ -122,11 +124,16 @@ def run(smoke: bool) -> list[Result]:
         (repo / "src" / "core.py").write_text("def core():\n    return 1\n")
         (repo / "app.py").write_text("print('hello')\n")
         (repo / "README.md").write_text("# Demo\n")
-        full_out = tmp / "full"
-        full_s, start_s, left_s = _run_timed(_argv(repo, full_out, delay_s), timeout_s)
-        full_docs = collect_docs(full_out, max_doc_bytes=MAX_DOC_BYTES)
+        runs = [
+            _run_timed(_argv(repo, tmp / f"full{r}", delay_s), timeout_s) for r in range(rounds)
+        ]
+        full_s = median(r[0] for r in runs)
+        start_s = median(r[1] for r in runs)
+        left_s = {k: median(r[2][k] for r in runs) for k in range(1, 7)}
+        full_docs = collect_docs(tmp / "full0", max_doc_bytes=MAX_DOC_BYTES)
         base = Result("resume")
         base.add("step_delay_s", delay_s)
+        base.add("baseline_rounds", rounds)
         base.add("full_run_s", full_s)
         base.add("cli_start_s", start_s)
         results.append(base)
@@ -144,14 +151,8 @@ def run(smoke: bool) -> list[Result]:
             restore(plan, out, max_doc_bytes=MAX_DOC_BYTES)
             restore_s = time.perf_counter() - t0
             steps = plan.options(JobOptions()).steps
-            subprocess.run(
-                [*_argv(repo, out, delay_s), "--steps", ",".join(steps)],
-                cwd=REPO_ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=timeout_s,
-                check=True,
-            )
+            argv = [*_argv(repo, out, delay_s), "--steps", ",".join(steps)]
+            cli_s, resumed_start_s, _ = _run_timed(argv, timeout_s)
             resumed_s = time.perf_counter() - t0
             if plan.remaining != STEP_NAMES[k - 1 :]:
                 raise BenchError(f"k={k}: resumed {plan.remaining}, expected from step {k}")
@@ -160,6 +161,8 @@ def run(smoke: bool) -> list[Result]:
             res.add("steps_run", len(plan.remaining))
             res.add("files_restored", len(plan.files))
             res.add("plan_and_restore_s", restore_s)
+            res.add("resumed_cli_start_s", resumed_start_s)
+            res.add("resumed_cli_s", cli_s)
             res.add("resumed_s", resumed_s)
             res.add("steps_left_s", left_s[k])
             res.add("ratio_resumed_over_full_run", resumed_s / full_s)
