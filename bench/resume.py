@@ -115,7 +115,7 @@ def _interrupted(
 
 
 def run(smoke: bool) -> list[Result]:
-    delay_s, rounds = (0.5, 1) if smoke else (2.0, 3)
+    delay_s, rounds = (0.2, 1) if smoke else (2.0, 3)
     timeout_s = 30 * delay_s + 30
     results: list[Result] = []
     with bench_dir("resume") as tmp:
