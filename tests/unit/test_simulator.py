@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from app.collect import collect_docs
-from app.domain import DocKind
+from app.domain import DocKind, JobStatus
 from app.errors import JobFailure
-from app.progress import parse_step
-from app.simulator import MARK
+from app.progress import PHASES, STEP_NAMES, ProgressTracker, StepPlan, parse_step
+from app.simulator import MARK, STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 20
@@ -393,3 +393,27 @@ def test_killed_mid_review_then_resumed_reviews_each_chapter_once(
     full = tmp_path / "full"
     assert run(repo, full).returncode == 0
     assert collect_docs(out, max_doc_bytes=100_000) == collect_docs(full, max_doc_bytes=100_000)
+
+
+def test_step_names_and_phases_agree_with_the_parser() -> None:
+    assert tuple(s[0] for s in STEPS) == STEP_NAMES
+    assert tuple(s[1] for s in STEPS) == PHASES
+
+
+@pytest.mark.parametrize("fmt", [(), ("--json",), ("--legacy-format",)])
+def test_the_tracker_reports_global_steps_for_every_format(
+    repo: Path, tmp_path: Path, fmt: tuple[str, ...]
+) -> None:
+    """A resumed run of the last two steps, in each output format the worker may meet."""
+    out = tmp_path / "out"
+    assert run(repo, out, "--steps", "extract,analyze,order,generate-chapters").returncode == 0
+    rest = STEP_NAMES[4:]
+    res = run(repo, out, "--steps", ",".join(rest), *fmt)
+    assert res.returncode == 0, res.stderr
+    tracker = ProgressTracker(0.0, 15.0, plan=StepPlan(rest, floor=5))
+    first = tracker.set_phase(JobStatus.ANALYZING, "running", 0.0)
+    updates = [first, *tracker.feed_many(res.stdout.decode().splitlines(), 1.0)]
+    steps = [(u.current_step, u.total_steps) for u in updates]
+    assert steps[0] == (5, 6) and steps[-1] == (6, 6)
+    assert steps == sorted(steps)  # never backwards
+    assert {u.message for u in updates} >= {"Generating interactive tutorials"}
