@@ -62,3 +62,11 @@ class JobFailure(WorkerError):
         self.code = code
         self.message = message
         self.retryable = retryable
+
+
+class CheckpointError(WorkerError):
+    """A checkpoint cannot be used (another commit, a refused file); the job runs in full."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -16,6 +16,15 @@ optional whitespace and at most one pretty-printer prefix (a ``[HH:MM:SS(.fff)]`
 stamp, and/or a level word such as ``INFO``/``INFO (1234):``). A ``[1/2]`` anywhere later in a
 sentence ("retrying [1/2]") is a log line, not a step. The marker must be followed by whitespace
 or the end of the line. ``1 <= i <= n <= MAX_STEPS``.
+
+The JSON line also carries ``"step": "<i>/<n>"`` and ``"phase": "<Phase>"``; older CLIs print
+only these fields, with a plain ``msg`` and no marker. A JSON object whose ``step`` is such a
+string is a step line too (the marker wins when both are there); its ``phase`` is kept.
+
+Numbers restart with ``--steps``: a run of the last two steps prints ``1/2`` and ``2/2``.
+`StepPlan` turns them back into the global step (1..6 of 6) from the step list the attempt was
+started with, or from the phase, and never reports less than a floor (the step an earlier
+attempt reached), so progress never goes backwards across attempts.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from app.domain import JobStatus, Progress
 
@@ -43,38 +53,122 @@ _STEP = re.compile(
 )
 
 
+_JSON_STEP = re.compile(r"^(\d{1,6})/(\d{1,6})$")
+
+STEP_NAMES: tuple[str, ...] = (
+    "extract",
+    "analyze",
+    "order",
+    "generate-chapters",
+    "review-chapters",
+    "generate-tutorials",
+)
+"""The real CLI's six steps, in the order it runs them (`--steps` names)."""
+PHASES: tuple[str, ...] = ("Extract", "Analyze", "Order", "Generate", "Review", "Tutorials")
+"""The JSON ``phase`` of each step, in the same order."""
+_PHASE_INDEX = {name.lower(): i for i, name in enumerate(PHASES, start=1)}
+
+
 @dataclass(frozen=True, slots=True)
 class StepLine:
     index: int
     total: int
     text: str
+    phase: str | None = None
+
+
+def _json_object(line: str) -> dict[str, Any] | None:
+    stripped = line.strip()
+    if not (stripped.startswith("{") and stripped.endswith("}")):
+        return None
+    try:
+        obj = json.loads(stripped)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def line_text(line: str) -> str:
     """The human text of an output line: a JSON object's string `msg`, else the line itself."""
-    stripped = line.strip()
-    if stripped.startswith("{") and stripped.endswith("}"):
-        try:
-            obj = json.loads(stripped)
-        except ValueError:
-            return line
-        if isinstance(obj, dict):
-            msg = obj.get("msg")
-            if isinstance(msg, str):
-                return msg
+    obj = _json_object(line)
+    if obj is not None:
+        msg = obj.get("msg")
+        if isinstance(msg, str):
+            return msg
     return line
 
 
 def parse_step(line: str) -> StepLine | None:
     """The step a CLI output line announces, or None for any other line (see the module doc)."""
-    text = _ANSI.sub("", line_text(line))
+    obj = _json_object(line)
+    msg = obj.get("msg") if obj is not None else None
+    text = _ANSI.sub("", msg if isinstance(msg, str) else line)
+    phase = obj.get("phase") if obj is not None else None
+    phase = phase.strip() if isinstance(phase, str) and phase.strip() else None
     match = _STEP.match(text)
-    if match is None:
-        return None
-    index, total = int(match["i"]), int(match["n"])
+    if match is not None:
+        index, total, rest = int(match["i"]), int(match["n"]), match["text"] or ""
+    else:
+        field = obj.get("step") if obj is not None else None
+        legacy = _JSON_STEP.match(field.strip()) if isinstance(field, str) else None
+        if legacy is None:
+            return None
+        index, total = int(legacy[1]), int(legacy[2])
+        rest = text if isinstance(msg, str) else ""
     if not 1 <= index <= total <= MAX_STEPS:
         return None
-    return StepLine(index=index, total=total, text=(match["text"] or "").strip())
+    return StepLine(index=index, total=total, text=rest.strip(), phase=phase)
+
+
+def _may_be_step(line: str) -> bool:
+    """Cheap pre-filter: only these lines can be step lines (a marker, or a JSON `step`)."""
+    return "/" in line and (("[" in line and "]" in line) or '"step"' in line)
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """Maps an attempt's step numbers to the global step (1..`len(STEP_NAMES)`).
+
+    `steps` is the `--steps` list the attempt's CLI was started with (empty: all six). A step
+    line is placed by its `phase` when it names one of `PHASES`; else by its position in
+    `steps` when its total is `len(steps)`; else taken as global when its total is six.
+    Anything else is not a step of this plan (None: the runner logs the line). The result is
+    never below `floor`, the global step an earlier attempt of the job reached.
+    """
+
+    steps: tuple[str, ...] = ()
+    floor: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.floor <= len(STEP_NAMES):
+            raise ValueError(f"floor must be within 0..{len(STEP_NAMES)}")
+
+    @property
+    def run_steps(self) -> tuple[str, ...]:
+        return self.steps or STEP_NAMES
+
+    @property
+    def start(self) -> tuple[int, int]:
+        """(step, total) to report before the CLI prints anything."""
+        return (self.floor, len(STEP_NAMES)) if self.floor else (0, 0)
+
+    def globalize(self, step: StepLine) -> StepLine | None:
+        total = len(STEP_NAMES)
+        index = _PHASE_INDEX.get(step.phase.lower()) if step.phase else None
+        run = self.run_steps
+        if index is None and step.total == len(run) and run[step.index - 1] in STEP_NAMES:
+            index = STEP_NAMES.index(run[step.index - 1]) + 1
+        if index is None and step.total == total:
+            index = step.index
+        if index is None:
+            return None
+        index = max(index, self.floor)
+        return StepLine(index, total, step.text, PHASES[index - 1])
+
+    def parse(self, line: str) -> StepLine | None:
+        """`parse_step`, then `globalize`."""
+        step = parse_step(line)
+        return None if step is None else self.globalize(step)
 
 
 class ProgressTracker:
@@ -88,6 +182,7 @@ class ProgressTracker:
     * `tick` emits a heartbeat (same state, no logs) once nothing was emitted for `heartbeat_s`
       (never more often than `min_interval_s`).
     * Every emission carries the logs pending since the previous one, and a `seq` one higher.
+    * With a `plan`, steps are reported global (`StepPlan`), starting at its floor.
     """
 
     def __init__(
@@ -96,6 +191,7 @@ class ProgressTracker:
         heartbeat_s: float,
         max_log_lines: int = 20,
         max_line_chars: int = 500,
+        plan: StepPlan | None = None,
     ) -> None:
         if min_interval_s < 0 or heartbeat_s <= 0 or max_log_lines < 0 or max_line_chars < 1:
             raise ValueError("invalid ProgressTracker limits")
@@ -105,8 +201,8 @@ class ProgressTracker:
         self._logs: deque[str] = deque(maxlen=max_log_lines)
         self._seq = 0
         self._status = JobStatus.CLAIMED
-        self._step = 0
-        self._total = 0
+        self._plan = plan
+        self._step, self._total = plan.start if plan is not None else (0, 0)
         self._message = ""
         self._last_emit_s: float | None = None
         self.dropped_lines = 0
@@ -132,7 +228,7 @@ class ProgressTracker:
         return self._emit(now_s)
 
     def feed(self, line: str, now_s: float) -> Progress | None:
-        step = parse_step(line)
+        step = parse_step(line) if self._plan is None else self._plan.parse(line)
         if step is not None and (step.index, step.total) != (self._step, self._total):
             self._step, self._total = step.index, step.total
             self._message = step.text or f"Step {step.index}/{step.total}"
@@ -155,12 +251,12 @@ class ProgressTracker:
     def feed_many(self, lines: Sequence[str], now_s: float) -> list[Progress]:
         """`feed` for a batch read at once: the same reports, at a fraction of the cost.
 
-        Only lines holding `[`, `/` and `]` can be step lines; the rest are logs, of which only
+        Only lines passing `_may_be_step` can be step lines; the rest are logs, of which only
         the newest `max_log_lines` can survive in the ring, so only those are cleaned."""
         out: list[Progress] = []
         logs: list[str] = []
         for line in lines:
-            if "]" in line and "/" in line and "[" in line:
+            if _may_be_step(line):
                 self._add_logs(logs)
                 logs = []
                 update = self.feed(line, now_s)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.domain import JobStatus, Progress
-from app.progress import ProgressTracker, StepLine, parse_step
+from app.progress import PHASES, STEP_NAMES, ProgressTracker, StepLine, StepPlan, parse_step
 
 
 @pytest.mark.parametrize(
@@ -277,3 +277,122 @@ def test_feed_many_reports_the_same_steps_as_feed(lines: list[str], cut: int) ->
     assert changes_one == changes_many
     assert one.current == many.current and one.message == many.message
     assert all(len(u.logs) <= 20 for u in batched)
+
+
+def _sim_line(i: int, n: int, step: str, *, legacy: bool = False) -> str:
+    """A step line as the simulator (and the real CLI) prints it with --json."""
+    k = STEP_NAMES.index(step)
+    msg = f"Step text {k + 1}"
+    rec = {"level": 30, "time": 1, "msg": msg if legacy else f"[FONDATION_STEP_{i}/{n}] {msg}"}
+    return json.dumps({**rec, "step": f"{i}/{n}", "phase": PHASES[k]})
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (  # older CLI: only the JSON fields, a plain message
+            json.dumps(
+                {"msg": "Reviewing and enhancing chapters", "step": "1/2", "phase": "Review"}
+            ),
+            StepLine(1, 2, "Reviewing and enhancing chapters", "Review"),
+        ),
+        (  # the marker wins over the field; the phase is kept
+            json.dumps(
+                {"msg": "[FONDATION_STEP_2/2] Tutorials", "step": "1/9", "phase": "Tutorials"}
+            ),
+            StepLine(2, 2, "Tutorials", "Tutorials"),
+        ),
+        (json.dumps({"msg": "x", "step": " 3/6 "}), StepLine(3, 6, "x")),
+        (json.dumps({"step": "3/6"}), StepLine(3, 6, "")),
+    ],
+)
+def test_legacy_json_step_fields(line: str, expected: StepLine) -> None:
+    assert parse_step(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        json.dumps({"msg": "x", "step": "0/2"}),
+        json.dumps({"msg": "x", "step": "3/2"}),
+        json.dumps({"msg": "x", "step": 1}),
+        json.dumps({"msg": "x", "step": "1/2/3"}),
+        json.dumps({"msg": "x", "step": "one/two"}),
+        json.dumps({"msg": "x", "phase": "Review"}),  # a phase alone is no step
+        '"step": "1/2" in plain text',
+    ],
+)
+def test_not_legacy_step_lines(line: str) -> None:
+    assert parse_step(line) is None
+
+
+@pytest.mark.parametrize("k", range(1, 7))
+@pytest.mark.parametrize("legacy", [False, True])
+def test_subset_numbering_maps_to_global_steps(k: int, legacy: bool) -> None:
+    """A run of steps k..6 numbers them 1..(7-k); the plan reports k..6 of 6."""
+    run = STEP_NAMES[k - 1 :]
+    plan = StepPlan(run)
+    lines = [_sim_line(i, len(run), s, legacy=legacy) for i, s in enumerate(run, start=1)]
+    got = [plan.parse(line) for line in lines]
+    assert [(s.index, s.total) for s in got if s] == [(g, 6) for g in range(k, 7)]
+    assert [s.phase for s in got if s] == list(PHASES[k - 1 :])
+
+
+def test_plan_by_position_without_phase() -> None:
+    plan = StepPlan(("analyze", "review-chapters"))
+    assert plan.parse("[FONDATION_STEP_1/2] a") == StepLine(2, 6, "a", "Analyze")
+    assert plan.parse("[FONDATION_STEP_2/2] b") == StepLine(5, 6, "b", "Review")
+    assert plan.parse("[FONDATION_STEP_4/6] c") == StepLine(4, 6, "c", "Generate")  # global
+    assert plan.parse("[FONDATION_STEP_1/3] ?") is None  # neither this plan nor global
+    assert StepPlan().parse("[FONDATION_STEP_3/6] o") == StepLine(3, 6, "o", "Order")
+
+
+def test_phase_wins_over_position() -> None:
+    line = json.dumps({"msg": "[FONDATION_STEP_1/2] x", "phase": "tutorials"})
+    assert StepPlan(("review-chapters", "generate-tutorials")).parse(line) == StepLine(
+        6, 6, "x", "Tutorials"
+    )
+
+
+def test_floor_and_invalid_plan() -> None:
+    plan = StepPlan(STEP_NAMES[3:], floor=5)
+    assert plan.start == (5, 6)
+    assert StepPlan().start == (0, 0)
+    got = plan.parse(_sim_line(1, 3, "generate-chapters"))
+    assert got is not None and (got.index, got.total) == (5, 6)
+    with pytest.raises(ValueError, match="floor"):
+        StepPlan(floor=7)
+
+
+def test_progress_never_goes_backwards_across_attempts() -> None:
+    """Attempt 1 is killed in step 5; attempt 2 resumes with the remaining steps, in the legacy
+    format: every report of attempt 2 is at or past the last of attempt 1, and global."""
+    first = ProgressTracker(0.0, 15.0)
+    seen = [first.set_phase(JobStatus.ANALYZING, "run", 0.0)]
+    seen += first.feed_many([_sim_line(i, 6, s) for i, s in enumerate(STEP_NAMES[:5], 1)], 1.0)
+    last = seen[-1].current_step
+    assert (last, seen[-1].total_steps) == (5, 6)
+
+    rest = STEP_NAMES[4:]
+    second = ProgressTracker(0.0, 15.0, plan=StepPlan(rest, floor=last))
+    again = [second.set_phase(JobStatus.CLONING, "cloning", 2.0)]
+    lines = [_sim_line(i, 2, s, legacy=True) for i, s in enumerate(rest, start=1)]
+    again += second.feed_many(["plain log", *lines, "done"], 3.0)
+    again.append(second.final(JobStatus.COMPLETED, "done", 4.0))
+    assert [(u.current_step, u.total_steps) for u in again] == [
+        (5, 6),  # before the CLI starts: the floor, not 0
+        (5, 6),
+        (6, 6),
+        (6, 6),
+        (6, 6),
+    ]
+    assert again[2].message == "Step text 6"
+    assert "plain log" in again[1].logs
+
+
+def test_feed_and_feed_many_agree_on_legacy_lines() -> None:
+    lines = [_sim_line(i, 6, s, legacy=True) for i, s in enumerate(STEP_NAMES, start=1)]
+    one, many = ProgressTracker(1.0, 15.0), ProgressTracker(1.0, 15.0)
+    singles = [u.current_step for line in lines if (u := one.feed(line, 0.0)) is not None]
+    assert singles == [1, 2, 3, 4, 5, 6]
+    assert [u.current_step for u in many.feed_many(lines, 0.0)] == singles

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from app.collect import collect_docs
-from app.domain import DocKind
+from app.domain import DocKind, JobStatus
 from app.errors import JobFailure
-from app.progress import parse_step
-from app.simulator import MARK
+from app.progress import PHASES, STEP_NAMES, ProgressTracker, StepPlan, parse_step
+from app.simulator import MARK, STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 20
@@ -285,3 +285,135 @@ def test_empty_repo(tmp_path: Path) -> None:
 
 def test_missing_repo(tmp_path: Path) -> None:
     assert run(tmp_path / "nope", tmp_path / "out").returncode == 1
+
+
+def records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def written(path: Path, pid: int | None = None) -> list[tuple[object, object]]:
+    return [
+        (r["step"], r["file"])
+        for r in records(path)
+        if r["event"] == "chapter" and (pid is None or r["pid"] == pid)
+    ]
+
+
+def test_subset_skips_existing_chapters_and_records_them(repo: Path, tmp_path: Path) -> None:
+    out, rec = tmp_path / "out", tmp_path / "rec.jsonl"
+    assert run(repo, out, "--steps", "extract,analyze,order,generate-chapters").returncode == 0
+    (out / "chapters" / "chapter_2_app_py.md").unlink()
+    res = run(repo, out, "--steps", "generate-chapters,review-chapters", "--record-file", str(rec))
+    assert res.returncode == 0, res.stderr
+    steps = [s for s in map(parse_step, res.stdout.decode().splitlines()) if s is not None]
+    assert [(s.index, s.total, s.text) for s in steps] == [
+        (1, 2, "Generating chapter content"),
+        (2, 2, "Reviewing and enhancing chapters"),
+    ]
+    got = records(rec)
+    assert got[0]["event"] == "start"
+    assert got[0]["steps"] == ["generate-chapters", "review-chapters"]
+    assert [(r["step"], r["index"], r["total"]) for r in got if r["event"] == "step"] == [
+        ("generate-chapters", 1, 2),
+        ("review-chapters", 2, 2),
+    ]
+    assert written(rec) == [
+        ("generate-chapters", "chapters/chapter_2_app_py.md"),
+        ("review-chapters", "reviewed-chapters/chapter_1_readme_md.md"),
+        ("review-chapters", "reviewed-chapters/chapter_3_src.md"),
+    ]
+    assert [r["file"] for r in got if r["event"] == "skip"] == [
+        "chapters/chapter_1_readme_md.md",
+        "chapters/chapter_3_src.md",
+    ]
+
+
+def test_overwrite_rewrites_existing_files(repo: Path, tmp_path: Path) -> None:
+    out, rec = tmp_path / "out", tmp_path / "rec.jsonl"
+    assert run(repo, out).returncode == 0
+    stale = out / "tutorials" / "tutorial_1_src.md"
+    stale.write_text("stale\n")
+    assert (
+        run(repo, out, "--steps", "generate-tutorials", "--record-file", str(rec)).returncode == 0
+    )
+    assert stale.read_text() == "stale\n"  # skipped: it exists
+    assert written(rec) == []
+    res = run(repo, out, "--steps", "generate-tutorials", "--overwrite", "--record-file", str(rec))
+    assert res.returncode == 0
+    assert MARK in stale.read_text()
+    assert written(rec) == [("generate-tutorials", "tutorials/tutorial_1_src.md")]
+
+
+def test_a_step_needs_the_files_of_earlier_steps(repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = run(repo, out, "--steps", "review-chapters,generate-tutorials")
+    assert res.returncode == 1
+    assert b"review-chapters needs step3_order.yaml, chapters" in res.stderr
+    assert not (out / "reviewed-chapters").exists()
+
+
+def test_legacy_format_has_json_fields_and_no_marker(repo: Path, tmp_path: Path) -> None:
+    (repo / ".fondation-sim.json").write_text(json.dumps({"legacy_format": True}))
+    res = run(repo, tmp_path / "out", "--steps", "extract,analyze")
+    assert res.returncode == 0
+    lines = res.stdout.decode().splitlines()
+    assert b"FONDATION_STEP" not in res.stdout
+    recs = [json.loads(line) for line in lines]
+    assert [(r["step"], r["phase"], r["msg"]) for r in recs if "step" in r] == [
+        ("1/2", "Extract", "Extracting core abstractions from codebase"),
+        ("2/2", "Analyze", "Analyzing relationships between components"),
+    ]
+
+
+def test_killed_mid_review_then_resumed_reviews_each_chapter_once(
+    repo: Path, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    out, rec = tmp_path / "out", tmp_path / "rec.jsonl"
+    assert run(repo, out, "--steps", "extract,analyze,order,generate-chapters").returncode == 0
+    rest = ("--steps", "review-chapters,generate-tutorials")
+    p = start(procs, repo, out, *rest, "--chapter-delay-s", "3", "--record-file", str(rec))
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and not (rec.exists() and written(rec)):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # between two reviewed chapters (3 s apart)
+    p.wait(timeout=TIMEOUT)
+    assert written(rec) == [("review-chapters", "reviewed-chapters/chapter_1_readme_md.md")]
+
+    env = {**os.environ, "FONDATION_SIM_RECORD": str(rec)}  # the env var works as the flag
+    res = subprocess.run(
+        cmd(repo, out, *rest), cwd=ROOT, env=env, capture_output=True, timeout=TIMEOUT, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    second = [r for r in records(rec) if r["event"] == "start"][-1]["pid"]
+    assert isinstance(second, int)
+    assert written(rec, second) == [
+        ("review-chapters", "reviewed-chapters/chapter_3_src.md"),
+        ("generate-tutorials", "tutorials/tutorial_1_src.md"),
+    ]
+    full = tmp_path / "full"
+    assert run(repo, full).returncode == 0
+    assert collect_docs(out, max_doc_bytes=100_000) == collect_docs(full, max_doc_bytes=100_000)
+
+
+def test_step_names_and_phases_agree_with_the_parser() -> None:
+    assert tuple(s[0] for s in STEPS) == STEP_NAMES
+    assert tuple(s[1] for s in STEPS) == PHASES
+
+
+@pytest.mark.parametrize("fmt", [(), ("--json",), ("--legacy-format",)])
+def test_the_tracker_reports_global_steps_for_every_format(
+    repo: Path, tmp_path: Path, fmt: tuple[str, ...]
+) -> None:
+    """A resumed run of the last two steps, in each output format the worker may meet."""
+    out = tmp_path / "out"
+    assert run(repo, out, "--steps", "extract,analyze,order,generate-chapters").returncode == 0
+    rest = STEP_NAMES[4:]
+    res = run(repo, out, "--steps", ",".join(rest), *fmt)
+    assert res.returncode == 0, res.stderr
+    tracker = ProgressTracker(0.0, 15.0, plan=StepPlan(rest, floor=5))
+    first = tracker.set_phase(JobStatus.ANALYZING, "running", 0.0)
+    updates = [first, *tracker.feed_many(res.stdout.decode().splitlines(), 1.0)]
+    steps = [(u.current_step, u.total_steps) for u in updates]
+    assert steps[0] == (5, 6) and steps[-1] == (6, 6)
+    assert steps == sorted(steps)  # never backwards
+    assert {u.message for u in updates} >= {"Generating interactive tutorials"}
