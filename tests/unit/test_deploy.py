@@ -13,7 +13,13 @@ import pytest
 
 from deploy.__main__ import main
 from deploy.scaleway import DeploySpec, is_mutable_tag
-from tests.support.fake_scaleway import ACCESS_KEY, PROJECT_ID, SECRET_KEY, FakeScaleway
+from tests.support.fake_scaleway import (
+    ACCESS_KEY,
+    PROJECT_ID,
+    SECRET_KEY,
+    FakeScaleway,
+    invalid_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_V1 = "rg.fr-par.scw.cloud/fondation/fondation-worker:1111111"
@@ -241,6 +247,69 @@ def test_bad_arguments_exit_2(fake: FakeScaleway, capsys: pytest.CaptureFixture[
     assert main([*args(), "--min-scale", "3", "--max-scale", "1", "--dry-run"]) == 2
     assert main([*args(), "--env", "WEBHOOK_SECRETS=x", "--dry-run"]) == 2
     assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--timeout-s", "9"], "--timeout-s must be between 10 and 3600"),
+        (["--timeout-s", "3601"], "--timeout-s must be between 10 and 3600"),
+        (["--liveness-interval-s", "4"], "--liveness-interval-s must be between 5 and 120"),
+        (["--startup-interval-s", "121"], "--startup-interval-s must be between 5 and 120"),
+        (["--liveness-failures", "2"], "--liveness-failures must be between 3 and 50"),
+        (["--startup-failures", "51"], "--startup-failures must be between 3 and 50"),
+    ],
+)
+def test_out_of_range_settings_exit_2_before_any_request(
+    fake: FakeScaleway, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    assert main([*args(), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert fake.requests == []
+
+
+def test_range_edges_are_accepted_and_reach_the_api(
+    fake: FakeScaleway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    edges = ["--timeout-s", "10", "--liveness-interval-s", "120", "--liveness-failures", "50"]
+    edges += ["--startup-interval-s", "5", "--startup-failures", "3"]
+    assert main([*args(), *edges]) == 0, capsys.readouterr().err
+    (create,) = fake.calls("POST", r"/containers$")
+    assert create.body["timeout"] == "10s"
+    assert create.body["liveness_probe"]["interval"] == "120s"
+    assert create.body["liveness_probe"]["failure_threshold"] == 50
+    assert create.body["startup_probe"] == {
+        "http": {"path": "/readyz"},
+        "failure_threshold": 3,
+        "interval": "5s",
+        "timeout": "2s",
+    }
+    # --no-probes skips the probe ranges (nothing is sent for them)
+    assert main([*args(IMAGE_V2), "--no-probes", "--liveness-interval-s", "1"]) == 0
+
+
+def test_dry_run_shows_the_timeout_and_probe_fields_the_api_accepts(
+    fake: FakeScaleway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*args(), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    bodies = [r["body"] for r in plan["requests"] if r["method"] in ("POST", "PATCH")]
+    create, update = (b for b in bodies if "image" in b)
+    for body in (create, update):
+        assert body["timeout"] == "3600s"
+        assert body["liveness_probe"] == {
+            "http": {"path": "/healthz"},
+            "failure_threshold": 3,
+            "interval": "10s",
+            "timeout": "5s",
+        }
+        assert body["startup_probe"] == {
+            "http": {"path": "/readyz"},
+            "failure_threshold": 12,
+            "interval": "5s",
+            "timeout": "2s",
+        }
+        assert invalid_settings(body) is None  # the fake's copy of the API's range checks
 
 
 def test_registry_uses_the_git_short_sha(
