@@ -13,23 +13,33 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
-from scaleway_core.api import ScalewayException
+try:
+    from scaleway_core.api import ScalewayException
 
-from deploy.scaleway import (
-    LIVENESS,
-    MAX_TIMEOUT_S,
-    MIN_TIMEOUT_S,
-    PROBE_FAILURES,
-    PROBE_INTERVAL_S,
-    STARTUP,
-    Deployer,
-    DeployError,
-    DeploySpec,
-    Probe,
-    api_error_message,
-    make_client,
-    plan,
-)
+    from deploy.scaleway import (
+        LIVENESS,
+        MAX_TIMEOUT_S,
+        MIN_TIMEOUT_S,
+        PROBE_FAILURES,
+        PROBE_INTERVAL_S,
+        STARTUP,
+        Deployer,
+        DeployError,
+        DeploySpec,
+        Probe,
+        api_error_message,
+        make_client,
+        plan,
+    )
+except ModuleNotFoundError as exc:
+    # The SDK is the `deploy` extra, not a runtime dependency (the image leaves it out).
+    if not (exc.name or "").startswith("scaleway"):
+        raise
+    print(
+        "deploy: the Scaleway SDK is not installed: pip install 'fondation-worker[deploy]'",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:

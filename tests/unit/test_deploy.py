@@ -339,3 +339,19 @@ def test_spec_repr_hides_secrets_and_tag_mutability() -> None:
     assert is_mutable_tag("rg.fr-par.scw.cloud/ns/img")
     assert not is_mutable_tag(IMAGE_V1)
     assert is_mutable_tag("localhost:5000/img")  # a registry port is not a tag
+
+
+def test_without_the_sdk_the_script_says_which_extra_to_install() -> None:
+    """The SDK is the `deploy` extra, absent from the runtime image: no traceback there."""
+    hide_sdk = (
+        "import runpy, sys\n"
+        "sys.modules.update(dict.fromkeys(['scaleway', 'scaleway_core'], None))\n"
+        "sys.argv = ['deploy', '--help']\n"
+        "runpy.run_module('deploy', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", hide_sdk], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert "pip install 'fondation-worker[deploy]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
