@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -355,3 +356,32 @@ def test_without_the_sdk_the_script_says_which_extra_to_install() -> None:
     assert proc.returncode == 2
     assert "pip install 'fondation-worker[deploy]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_dry_run_printed_in_the_deploy_guide_is_what_the_script_prints(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/DEPLOY.md shows a dry run "verbatim": keep it so (image tag and the secrets'
+    fingerprint aside, which depend on the commit and the values)."""
+    text = (ROOT / "docs" / "DEPLOY.md").read_text()
+    start = text.index('```json\n{\n  "dry_run"') + len("```json\n")
+    documented = json.loads(text[start : text.index("```", start)])
+    monkeypatch.setenv("WEBHOOK_SECRETS", "x")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "y")
+    monkeypatch.setenv("SCW_DEFAULT_PROJECT_ID", "11111111-2222-3333-4444-555555555555")
+    argv = ["--namespace", "fondation", "--container", "fondation-worker"]
+    argv += [
+        "--image",
+        documented["image"],
+        "--env",
+        "CONVEX_URL=https://happy-otter-123.convex.cloud",
+    ]
+    argv += ["--env", "MAX_CONCURRENT_JOBS=2", "--secret-from-env", "WEBHOOK_SECRETS"]
+    argv += ["--secret-from-env", "ANTHROPIC_API_KEY", "--dry-run"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+
+    def without_fingerprint(plan: dict[str, object]) -> str:
+        return re.sub(r"sha256=[0-9a-f]{16}", "sha256=…", json.dumps(plan, indent=2))
+
+    assert without_fingerprint(printed) == without_fingerprint(documented)
