@@ -2,9 +2,14 @@
 
 Cockpit ingests OTLP at `https://<id>.metrics.cockpit.<region>.scw.cloud/otlp/v1/metrics`
 with the push token in `X-Token`. The registry is converted to OTLP/HTTP JSON (cumulative
-sums, gauges and explicit-bucket histograms), so no protobuf or collector is needed; Mimir
-translates the names back (`fondation_webhooks` + monotonic sum → `fondation_webhooks_total`),
-so the same dashboard queries work against pushed and scraped metrics.
+sums, gauges and explicit-bucket histograms), so no protobuf or collector is needed.
+
+Names: a counter is pushed under its exposition name, `_total` included
+(`fondation_webhooks_total`). Mimir's OTLP translation adds `_total` to monotonic sums only
+when its metric-suffix setting is on, and that translation first drops any `total` token, so
+the stored name is `fondation_webhooks_total` either way: the dashboard and alert queries
+match pushed and scraped metrics alike. Histograms become `_bucket`/`_sum`/`_count` series
+in both modes; no OTLP `unit` is set, so no unit suffix is ever appended.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from app.clock import Clock
 
 log = logging.getLogger("fondation.telemetry")
 CUMULATIVE = 2  # AggregationTemporality.CUMULATIVE
+
+
+def pushed_name(family: Metric) -> str:
+    """The OTLP name of a metric family: a counter keeps its `_total` (prometheus_client strips
+    it from `family.name`), so the stored name does not depend on Mimir's suffix setting."""
+    return f"{family.name}_total" if family.type == "counter" else family.name
 
 
 def _attrs(labels: dict[str, str]) -> list[dict[str, Any]]:
@@ -101,7 +112,7 @@ def to_otlp(
             }
         else:
             continue
-        metrics.append({"name": family.name, "description": family.documentation, **body})
+        metrics.append({"name": pushed_name(family), "description": family.documentation, **body})
     resource = _attrs({"service.name": service, "service.instance.id": instance})
     return {
         "resourceMetrics": [

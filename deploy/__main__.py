@@ -13,17 +13,33 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
-from scaleway_core.api import ScalewayException
+try:
+    from scaleway_core.api import ScalewayException
 
-from deploy.scaleway import (
-    MAX_TIMEOUT_S,
-    Deployer,
-    DeployError,
-    DeploySpec,
-    api_error_message,
-    make_client,
-    plan,
-)
+    from deploy.scaleway import (
+        LIVENESS,
+        MAX_TIMEOUT_S,
+        MIN_TIMEOUT_S,
+        PROBE_FAILURES,
+        PROBE_INTERVAL_S,
+        STARTUP,
+        Deployer,
+        DeployError,
+        DeploySpec,
+        Probe,
+        api_error_message,
+        make_client,
+        plan,
+    )
+except ModuleNotFoundError as exc:
+    # The SDK is the `deploy` extra, not a runtime dependency (the image leaves it out).
+    if not (exc.name or "").startswith("scaleway"):
+        raise
+    print(
+        "deploy: the Scaleway SDK is not installed: pip install 'fondation-worker[deploy]'",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,13 +62,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-scale", type=int, default=None, help="default: --min-scale (1)")
     p.add_argument("--memory-mb", type=int, default=2048)
     p.add_argument("--cpu-mvcpu", type=int, default=1120)
-    p.add_argument("--timeout-s", type=int, default=MAX_TIMEOUT_S, help="<= 3600")
+    p.add_argument(
+        "--timeout-s",
+        type=int,
+        default=MAX_TIMEOUT_S,
+        help=f"request time limit, {MIN_TIMEOUT_S} to {MAX_TIMEOUT_S}",
+    )
     p.add_argument("--local-storage-mb", type=int, default=5120)
     p.add_argument("--sandbox", choices=("v1", "v2"), default="v2")
     p.add_argument("--privacy", choices=("public", "private"), default="public")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--allow-http", action="store_true", help="do not force HTTPS connections")
     p.add_argument("--no-probes", action="store_true", help="no /healthz and /readyz probes")
+    interval = f"{PROBE_INTERVAL_S[0]} to {PROBE_INTERVAL_S[1]}"
+    failures = f"{PROBE_FAILURES[0]} to {PROBE_FAILURES[1]}"
+    for name, probe in (("liveness", LIVENESS), ("startup", STARTUP)):
+        p.add_argument(
+            f"--{name}-interval-s",
+            type=int,
+            default=probe.interval_s,
+            help=f"{probe.path} probe interval, {interval} (default {probe.interval_s})",
+        )
+        p.add_argument(
+            f"--{name}-failures",
+            type=int,
+            default=probe.failure_threshold,
+            help=f"{probe.path} failures in a row before acting, {failures} "
+            f"(default {probe.failure_threshold})",
+        )
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="repeatable")
     p.add_argument(
         "--secret", action="append", default=[], metavar="K=V", help="secret env var; repeatable"
@@ -129,6 +166,18 @@ def build_spec(args: argparse.Namespace, env: Mapping[str, str]) -> DeploySpec:
         port=args.port,
         https_only=not args.allow_http,
         probes=not args.no_probes,
+        liveness_probe=Probe(
+            LIVENESS.path,
+            failure_threshold=args.liveness_failures,
+            interval_s=args.liveness_interval_s,
+            timeout_s=min(LIVENESS.timeout_s, max(args.liveness_interval_s - 1, 1)),
+        ),
+        startup_probe=Probe(
+            STARTUP.path,
+            failure_threshold=args.startup_failures,
+            interval_s=args.startup_interval_s,
+            timeout_s=min(STARTUP.timeout_s, max(args.startup_interval_s - 1, 1)),
+        ),
         env=tuple(_pairs(args.env, "--env")),
         secrets=tuple(secrets),
         redeploy=args.redeploy,

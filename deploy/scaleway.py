@@ -36,7 +36,12 @@ from scaleway_core.api import ScalewayException
 from scaleway_core.client import Client
 
 API_PREFIX = "/containers/v1/regions"
+# Ranges the Serverless Containers API accepts (issue 13's reading of Scaleway's API reference;
+# the SDK validates none of them, so a bad value would only come back as a 400 mid-deploy).
+MIN_TIMEOUT_S = 10
 MAX_TIMEOUT_S = 3600
+PROBE_INTERVAL_S = (5, 120)
+PROBE_FAILURES = (3, 50)
 NAMESPACE_DESCRIPTION = "fondation-worker"
 REDACTED = "<redacted>"
 SECRETS_TAG_PREFIX = "fondation-secrets-sha256="
@@ -71,14 +76,32 @@ class DeployError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Probe:
+    """An HTTP probe. The platform acts after `failure_threshold` failed checks in a row, so
+    `failure_threshold * interval_s` is how long a dead (or still starting) worker lasts."""
+
     path: str
     failure_threshold: int
     interval_s: int
     timeout_s: int
 
+    def problems(self, flag: str) -> list[str]:
+        lo_i, hi_i = PROBE_INTERVAL_S
+        lo_f, hi_f = PROBE_FAILURES
+        out = []
+        if not lo_i <= self.interval_s <= hi_i:
+            out.append(f"{flag}-interval-s must be between {lo_i} and {hi_i}")
+        if not lo_f <= self.failure_threshold <= hi_f:
+            out.append(f"{flag}-failures must be between {lo_f} and {hi_f}")
+        if not 1 <= self.timeout_s < self.interval_s:
+            out.append(f"{flag} probe timeout ({self.timeout_s}s) must be under its interval")
+        return out
 
+
+# Liveness: a wedged worker is restarted after 3 x 10 s. Startup: traffic once /readyz
+# answers, and up to 12 x 5 s = 60 s to get there (the worker is ready in about a second;
+# the margin is for a cold image pull on a busy node).
 LIVENESS = Probe("/healthz", failure_threshold=3, interval_s=10, timeout_s=5)
-STARTUP = Probe("/readyz", failure_threshold=30, interval_s=2, timeout_s=2)
+STARTUP = Probe("/readyz", failure_threshold=12, interval_s=5, timeout_s=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +123,8 @@ class DeploySpec:
     port: int = 8080
     https_only: bool = True
     probes: bool = True
+    liveness_probe: Probe = LIVENESS
+    startup_probe: Probe = STARTUP
     env: tuple[tuple[str, str], ...] = ()
     secrets: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     description: str = "fondation-worker: webhook-driven Fondation CLI runner"
@@ -114,8 +139,14 @@ class DeploySpec:
             raise DeployError(f"invalid image reference {self.image!r}", 2)
         if self.max_scale < 1 or self.min_scale < 0 or self.min_scale > self.max_scale:
             raise DeployError("need 0 <= --min-scale <= --max-scale and --max-scale >= 1", 2)
-        if not 1 <= self.timeout_s <= MAX_TIMEOUT_S:
-            raise DeployError(f"--timeout-s must be between 1 and {MAX_TIMEOUT_S}", 2)
+        if not MIN_TIMEOUT_S <= self.timeout_s <= MAX_TIMEOUT_S:
+            raise DeployError(f"--timeout-s must be between {MIN_TIMEOUT_S} and {MAX_TIMEOUT_S}", 2)
+        if self.probes:
+            bad = self.liveness_probe.problems("--liveness") + self.startup_probe.problems(
+                "--startup"
+            )
+            if bad:
+                raise DeployError("; ".join(bad), 2)
         for name, value in (
             ("--memory-mb", self.memory_mb),
             ("--cpu-mvcpu", self.cpu_mvcpu),
@@ -175,31 +206,34 @@ class DeploySpec:
     def liveness(self) -> ContainerProbe | None:
         if not self.probes:
             return None
+        p = self.liveness_probe
         return ContainerProbe(
-            failure_threshold=LIVENESS.failure_threshold,
-            interval=f"{LIVENESS.interval_s}s",
-            timeout=f"{LIVENESS.timeout_s}s",
-            http=ContainerProbeHTTPProbe(path=LIVENESS.path),
+            failure_threshold=p.failure_threshold,
+            interval=f"{p.interval_s}s",
+            timeout=f"{p.timeout_s}s",
+            http=ContainerProbeHTTPProbe(path=p.path),
         )
 
     def startup(self) -> ContainerProbe | None:
         if not self.probes:
             return None
+        p = self.startup_probe
         return ContainerProbe(
-            failure_threshold=STARTUP.failure_threshold,
-            interval=f"{STARTUP.interval_s}s",
-            timeout=f"{STARTUP.timeout_s}s",
-            http=ContainerProbeHTTPProbe(path=STARTUP.path),
+            failure_threshold=p.failure_threshold,
+            interval=f"{p.interval_s}s",
+            timeout=f"{p.timeout_s}s",
+            http=ContainerProbeHTTPProbe(path=p.path),
         )
 
     def startup_for_update(self) -> UpdateContainerRequestProbe | None:
         if not self.probes:
             return None
+        p = self.startup_probe
         return UpdateContainerRequestProbe(
-            failure_threshold=STARTUP.failure_threshold,
-            interval=f"{STARTUP.interval_s}s",
-            timeout=f"{STARTUP.timeout_s}s",
-            http=UpdateContainerRequestProbeHTTPProbe(path=STARTUP.path),
+            failure_threshold=p.failure_threshold,
+            interval=f"{p.interval_s}s",
+            timeout=f"{p.timeout_s}s",
+            http=UpdateContainerRequestProbeHTTPProbe(path=p.path),
         )
 
     def create_kwargs(self, namespace_id: str) -> dict[str, Any]:

@@ -5,6 +5,8 @@ list/create/get/update/redeploy. It checks the `X-Auth-Token` header, records ev
 filters lists by *substring* of the name (so callers must compare names exactly), paginates
 with a small page size, and moves containers through `creating`/`updating` to `ready` (or
 `error` when told) after a few polls. Point the real SDK at it with `SCW_API_URL`.
+It refuses (400) what the API refuses and the SDK does not check: a timeout outside
+10-3600 s, a probe interval outside 5-120 s, a failure threshold outside 3-50.
 """
 
 from __future__ import annotations
@@ -48,6 +50,26 @@ _CONTAINER_FIELDS = (
     "command",
     "args",
 )
+
+
+def _seconds(value: Any) -> float:
+    return float(str(value).rstrip("s"))
+
+
+def invalid_settings(body: dict[str, Any]) -> str | None:
+    """The API's range checks on a create or update body (None when it passes)."""
+    timeout = body.get("timeout")
+    if timeout is not None and not 10 <= _seconds(timeout) <= 3600:
+        return "timeout must be between 10s and 3600s"
+    for key in ("liveness_probe", "startup_probe"):
+        probe = body.get(key)
+        if not probe:
+            continue
+        if not 5 <= _seconds(probe.get("interval", "10s")) <= 120:
+            return f"{key}.interval must be between 5s and 120s"
+        if not 3 <= int(probe.get("failure_threshold", 3)) <= 50:
+            return f"{key}.failure_threshold must be between 3 and 50"
+    return None
 
 
 @dataclass
@@ -252,6 +274,8 @@ class FakeScaleway:
                 return 404, {"message": "namespace not found", "type": "not_found"}
             if not body.get("image") or not body.get("name"):
                 return 400, {"message": "image and name are required", "type": "invalid"}
+            if problem := invalid_settings(body):
+                return 400, {"message": problem, "type": "invalid_arguments"}
             c = self.add_container(body["namespace_id"], body)
             self._rollout(c, "creating")
             return 200, c
@@ -268,6 +292,8 @@ class FakeScaleway:
             if method == "PATCH":
                 if c["status"] not in ("ready", "error"):
                     return 409, {"message": "resource is in a transient state"}
+                if problem := invalid_settings(body):
+                    return 400, {"message": problem, "type": "invalid_arguments"}
                 self._apply(c, body)
                 self._rollout(c, "updating")
                 return 200, c

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,13 @@ import pytest
 
 from deploy.__main__ import main
 from deploy.scaleway import DeploySpec, is_mutable_tag
-from tests.support.fake_scaleway import ACCESS_KEY, PROJECT_ID, SECRET_KEY, FakeScaleway
+from tests.support.fake_scaleway import (
+    ACCESS_KEY,
+    PROJECT_ID,
+    SECRET_KEY,
+    FakeScaleway,
+    invalid_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_V1 = "rg.fr-par.scw.cloud/fondation/fondation-worker:1111111"
@@ -243,6 +250,69 @@ def test_bad_arguments_exit_2(fake: FakeScaleway, capsys: pytest.CaptureFixture[
     assert fake.requests == []
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--timeout-s", "9"], "--timeout-s must be between 10 and 3600"),
+        (["--timeout-s", "3601"], "--timeout-s must be between 10 and 3600"),
+        (["--liveness-interval-s", "4"], "--liveness-interval-s must be between 5 and 120"),
+        (["--startup-interval-s", "121"], "--startup-interval-s must be between 5 and 120"),
+        (["--liveness-failures", "2"], "--liveness-failures must be between 3 and 50"),
+        (["--startup-failures", "51"], "--startup-failures must be between 3 and 50"),
+    ],
+)
+def test_out_of_range_settings_exit_2_before_any_request(
+    fake: FakeScaleway, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    assert main([*args(), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert fake.requests == []
+
+
+def test_range_edges_are_accepted_and_reach_the_api(
+    fake: FakeScaleway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    edges = ["--timeout-s", "10", "--liveness-interval-s", "120", "--liveness-failures", "50"]
+    edges += ["--startup-interval-s", "5", "--startup-failures", "3"]
+    assert main([*args(), *edges]) == 0, capsys.readouterr().err
+    (create,) = fake.calls("POST", r"/containers$")
+    assert create.body["timeout"] == "10s"
+    assert create.body["liveness_probe"]["interval"] == "120s"
+    assert create.body["liveness_probe"]["failure_threshold"] == 50
+    assert create.body["startup_probe"] == {
+        "http": {"path": "/readyz"},
+        "failure_threshold": 3,
+        "interval": "5s",
+        "timeout": "2s",
+    }
+    # --no-probes skips the probe ranges (nothing is sent for them)
+    assert main([*args(IMAGE_V2), "--no-probes", "--liveness-interval-s", "1"]) == 0
+
+
+def test_dry_run_shows_the_timeout_and_probe_fields_the_api_accepts(
+    fake: FakeScaleway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*args(), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    bodies = [r["body"] for r in plan["requests"] if r["method"] in ("POST", "PATCH")]
+    create, update = (b for b in bodies if "image" in b)
+    for body in (create, update):
+        assert body["timeout"] == "3600s"
+        assert body["liveness_probe"] == {
+            "http": {"path": "/healthz"},
+            "failure_threshold": 3,
+            "interval": "10s",
+            "timeout": "5s",
+        }
+        assert body["startup_probe"] == {
+            "http": {"path": "/readyz"},
+            "failure_threshold": 12,
+            "interval": "5s",
+            "timeout": "2s",
+        }
+        assert invalid_settings(body) is None  # the fake's copy of the API's range checks
+
+
 def test_registry_uses_the_git_short_sha(
     fake: FakeScaleway, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -270,3 +340,48 @@ def test_spec_repr_hides_secrets_and_tag_mutability() -> None:
     assert is_mutable_tag("rg.fr-par.scw.cloud/ns/img")
     assert not is_mutable_tag(IMAGE_V1)
     assert is_mutable_tag("localhost:5000/img")  # a registry port is not a tag
+
+
+def test_without_the_sdk_the_script_says_which_extra_to_install() -> None:
+    """The SDK is the `deploy` extra, absent from the runtime image: no traceback there."""
+    hide_sdk = (
+        "import runpy, sys\n"
+        "sys.modules.update(dict.fromkeys(['scaleway', 'scaleway_core'], None))\n"
+        "sys.argv = ['deploy', '--help']\n"
+        "runpy.run_module('deploy', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", hide_sdk], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert "pip install 'fondation-worker[deploy]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_dry_run_printed_in_the_deploy_guide_is_what_the_script_prints(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/DEPLOY.md shows a dry run "verbatim": keep it so (image tag and the secrets'
+    fingerprint aside, which depend on the commit and the values)."""
+    text = (ROOT / "docs" / "DEPLOY.md").read_text()
+    start = text.index('```json\n{\n  "dry_run"') + len("```json\n")
+    documented = json.loads(text[start : text.index("```", start)])
+    monkeypatch.setenv("WEBHOOK_SECRETS", "x")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "y")
+    monkeypatch.setenv("SCW_DEFAULT_PROJECT_ID", "11111111-2222-3333-4444-555555555555")
+    argv = ["--namespace", "fondation", "--container", "fondation-worker"]
+    argv += [
+        "--image",
+        documented["image"],
+        "--env",
+        "CONVEX_URL=https://happy-otter-123.convex.cloud",
+    ]
+    argv += ["--env", "MAX_CONCURRENT_JOBS=2", "--secret-from-env", "WEBHOOK_SECRETS"]
+    argv += ["--secret-from-env", "ANTHROPIC_API_KEY", "--dry-run"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+
+    def without_fingerprint(plan: dict[str, object]) -> str:
+        return re.sub(r"sha256=[0-9a-f]{16}", "sha256=…", json.dumps(plan, indent=2))
+
+    assert without_fingerprint(printed) == without_fingerprint(documented)
