@@ -61,6 +61,7 @@ class Settings:
     shutdown_grace_s: float = 20.0
     clone_timeout_s: float = 600.0
     clone_max_bytes: int = 2 * 1024**3
+    clone_max_files: int = 200_000
     max_doc_bytes: int = 800_000
     retry_after_s: int = 5
     worker_id: str = "worker"
@@ -153,6 +154,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         shutdown_grace_s=_get(env, "SHUTDOWN_GRACE_S", 20.0, _positive(float)),
         clone_timeout_s=_get(env, "CLONE_TIMEOUT_S", 600.0, _positive(float)),
         clone_max_bytes=_get(env, "CLONE_MAX_BYTES", 2 * 1024**3, _positive(int)),
+        clone_max_files=_get(env, "CLONE_MAX_FILES", 200_000, _positive(int)),
         max_doc_bytes=_get(env, "MAX_DOC_BYTES", 800_000, _positive(int)),
         retry_after_s=_get(env, "RETRY_AFTER_S", 5, _positive(int)),
         worker_id=_get(env, "WORKER_ID", socket.gethostname(), str),

@@ -466,6 +466,7 @@ class _Pipeline:
                 token=self.clone_token,
                 timeout_s=s.clone_timeout_s,
                 max_bytes=s.clone_max_bytes,
+                max_entries=s.clone_max_files,
             )
         )
         if self.run.stop.is_set():
