@@ -16,15 +16,16 @@ or `max_entries` files and directories, or when the caller's task is cancelled.
 A few KB of pack can name a huge tree (identical trees are stored once: 200 x 200 directories
 cost four objects), so the tree is counted before checkout: its entries, and the disk it will
 take, a block at least per file and per directory. The checkout is watched the same way, in
-case the estimate falls short (larger blocks, filters).
+case the estimate falls short (larger blocks).
 
 Security: the token reaches git only through `GIT_CONFIG_*` environment variables as an
 `http.extraHeader` (never in the URL, the argv, a log or an error message); user and system
 git configuration are ignored; terminal prompts, askpass and credential helpers are off;
 only http(s) is allowed (`GIT_ALLOW_PROTOCOL`, `protocol.file.allow=never`); redirects are
-not followed; hooks are disabled (`core.hooksPath=/dev/null`); LFS smudging is skipped;
-submodules are not fetched; symlinks are checked out as plain files (`core.symlinks=false`)
-so the CLI cannot be led outside the checkout.
+not followed; hooks are disabled (`core.hooksPath=/dev/null`); no filter runs (no git-lfs:
+an LFS-tracked file stays the pointer text the repository holds); submodules are not
+fetched; symlinks are checked out as plain files (`core.symlinks=false`) so the CLI cannot
+be led outside the checkout.
 
 Every failure raises `JobFailure(code="clone_failed", message=...)` with a short message
 scrubbed of secrets. A timeout is also `clone_failed` ("clone timed out after N s"), with
@@ -149,9 +150,10 @@ def _git_env(token: str | None) -> dict[str, str]:
         ("advice.detachedHead", "false"),
         ("init.defaultBranch", "main"),
         ("gc.auto", "0"),
-        ("filter.lfs.smudge", "git-lfs smudge --skip -- %f"),
-        ("filter.lfs.process", "git-lfs filter-process --skip"),
-        ("filter.lfs.required", "false"),
+        # No filter at all: the image has no git-lfs, and a configured `git-lfs
+        # filter-process` that cannot start fails the checkout with "the remote end hung up".
+        # With no `filter.lfs.*` an LFS-tracked file is checked out as its pointer text:
+        # nothing is downloaded, and the CLI reads a 130-byte pointer.
     ]
     if token:
         config.append(("http.extraHeader", f"Authorization: Basic {_basic_value(token)}"))
@@ -160,7 +162,6 @@ def _git_env(token: str | None) -> dict[str, str]:
         "GIT_ASKPASS": "true",
         "SSH_ASKPASS": "true",
         "GIT_ALLOW_PROTOCOL": "http:https",
-        "GIT_LFS_SKIP_SMUDGE": "1",
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": "/dev/null",
         "GIT_PROTOCOL_FROM_USER": "0",

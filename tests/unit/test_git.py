@@ -411,3 +411,33 @@ def test_disk_usage_counts_blocks_and_inodes(tmp_path: Path) -> None:
     assert inodes == 100
     assert usage > 50 * 1  # more than the 50 file bytes: blocks of files and directories
     assert usage >= 50 * 512
+
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 12345\n"
+)
+
+
+async def test_lfs_tracked_files_stay_pointers(root: Path, tmp_path: Path) -> None:
+    # The image has no git-lfs: no LFS filter may be configured, or git fails on the first
+    # LFS-tracked file. Nothing is downloaded; the pointer text is what the CLI reads.
+    make_repo(
+        root / "tracked.git",
+        {
+            ".gitattributes": "*.bin filter=lfs diff=lfs merge=lfs -text\n",
+            "model.bin": LFS_POINTER,
+            "README.md": "# uses LFS\n",
+        },
+    )
+    dest = tmp_path / "r"
+    with GitHttpServer(root) as srv:
+        before = srv.request_count
+        result = await clone(
+            srv.url_for("tracked"), None, dest, token=None, timeout_s=30, max_bytes=LIMIT
+        )
+        paths = srv.paths()[before:]
+    assert result.commit == rev_parse(root / "tracked.git", "main")
+    assert (dest / "model.bin").read_text() == LFS_POINTER
+    assert not any("/info/lfs" in p for p in paths)  # no LFS batch API call
