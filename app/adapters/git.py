@@ -39,6 +39,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import ipaddress
 import os
 import re
 import shutil
@@ -48,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,25 @@ def _git_env(token: str | None) -> dict[str, str]:
         env[f"GIT_CONFIG_KEY_{i}"] = key
         env[f"GIT_CONFIG_VALUE_{i}"] = value
     return env
+
+
+def _pin_addresses(env: dict[str, str], url: str, addresses: Sequence[str]) -> None:
+    """Make git connect only to `addresses` (those the URL policy checked) for the URL's host:
+    a second lookup by git could answer otherwise (DNS rebinding). Adds one
+    `http.curloptResolve` entry (git >= 2.37) to the `GIT_CONFIG_*` list in `env`."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not addresses or host is None:
+        return
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return  # an address literal: nothing is looked up, nothing to pin
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    listed = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+    index = int(env["GIT_CONFIG_COUNT"])
+    env[f"GIT_CONFIG_KEY_{index}"] = "http.curloptResolve"
+    env[f"GIT_CONFIG_VALUE_{index}"] = f"{host}:{port}:{listed}"
+    env["GIT_CONFIG_COUNT"] = str(index + 1)
 
 
 def dir_size(path: Path) -> int:
@@ -422,6 +442,7 @@ def _clone_sync(
     timeout_s: float,
     max_bytes: int,
     max_entries: int,
+    addresses: Sequence[str],
     abort: threading.Event,
 ) -> CloneResult:
     started = time.monotonic()
@@ -437,6 +458,7 @@ def _clone_sync(
         ref or "default branch",
     )
     env = _git_env(token)
+    _pin_addresses(env, url, addresses)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise _Failed("destination directory is not empty")
@@ -508,12 +530,15 @@ async def clone(
     timeout_s: float,
     max_bytes: int,
     max_entries: int = DEFAULT_MAX_ENTRIES,
+    addresses: Sequence[str] = (),
 ) -> CloneResult:
     """Shallow-clone `ref` of `url` into `dest` (created if missing, must be empty).
 
     `ref` is a branch, a tag or a full commit SHA; None means the remote's default branch.
     `max_bytes` bounds the disk blocks of `dest`, `max_entries` its files and directories;
     both are checked on the fetched tree before checkout, then while checking out.
+    `addresses`, when given, are the only ones git connects to for the URL's host (the ones
+    the URL policy checked; see `RepoTarget.addresses`).
     Raises `JobFailure(code="clone_failed")` on any failure. `dest` is left as it is on
     failure: the caller removes its workspace (see `remove_tree`). Cancelling the calling
     task kills git and waits (bounded) for the worker thread before re-raising.
@@ -526,7 +551,16 @@ async def clone(
         asyncio.get_running_loop().run_in_executor(
             _CLONE_EXECUTOR,
             functools.partial(
-                _clone_sync, url, ref, dest, token, timeout_s, max_bytes, max_entries, abort
+                _clone_sync,
+                url,
+                ref,
+                dest,
+                token,
+                timeout_s,
+                max_bytes,
+                max_entries,
+                tuple(addresses),
+                abort,
             ),
         )
     )

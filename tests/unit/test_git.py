@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.adapters.git import clone, disk_usage, remove_tree, scrub
+from app.adapters.git import _git_env, _pin_addresses, clone, disk_usage, remove_tree, scrub
 from app.errors import JobFailure
 from tests.support.gitserver import (
     GitHttpServer,
@@ -441,3 +441,15 @@ async def test_lfs_tracked_files_stay_pointers(root: Path, tmp_path: Path) -> No
     assert result.commit == rev_parse(root / "tracked.git", "main")
     assert (dest / "model.bin").read_text() == LFS_POINTER
     assert not any("/info/lfs" in p for p in paths)  # no LFS batch API call
+
+
+def test_pinned_addresses_become_one_curlopt_resolve_entry() -> None:
+    env = _git_env(None)
+    count = int(env["GIT_CONFIG_COUNT"])
+    _pin_addresses(env, "https://git.example/o/r.git", ("140.82.121.4", "2001:db8::1"))
+    assert env["GIT_CONFIG_COUNT"] == str(count + 1)
+    assert env[f"GIT_CONFIG_KEY_{count}"] == "http.curloptResolve"
+    assert env[f"GIT_CONFIG_VALUE_{count}"] == "git.example:443:140.82.121.4,[2001:db8::1]"
+    literal = _git_env(None)
+    _pin_addresses(literal, "http://127.0.0.1:8080/r.git", ("127.0.0.1",))
+    assert literal == _git_env(None)  # an address literal is not looked up: nothing to pin
