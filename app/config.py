@@ -65,7 +65,7 @@ class Settings:
     max_doc_bytes: int = 800_000
     retry_after_s: int = 5
     worker_id: str = "worker"
-    host: str = "0.0.0.0"  # noqa: S104 - a container must listen on all interfaces
+    host: str = "127.0.0.1"  # see load_settings: all interfaces only when asked, or with Convex
     port: int = 8080
     log_level: str = "INFO"
     cli_env_passthrough: tuple[str, ...] = ()
@@ -122,6 +122,13 @@ def _positive(parse: Callable[[str], T]) -> Callable[[str], T]:
     return inner
 
 
+def _default_host(convex_url: str | None) -> str:
+    """Loopback in embedded mode: its job API serves every job and doc without
+    authentication, so listening wider takes an explicit `HOST`. With Convex the worker is
+    the deployed container, reached through its public endpoint."""
+    return "127.0.0.1" if convex_url is None else "0.0.0.0"  # noqa: S104
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from an environment mapping; raises `ConfigError` on a bad value."""
     # Absolute at once: git and the CLI run in other working directories.
@@ -158,7 +165,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_doc_bytes=_get(env, "MAX_DOC_BYTES", 800_000, _positive(int)),
         retry_after_s=_get(env, "RETRY_AFTER_S", 5, _positive(int)),
         worker_id=_get(env, "WORKER_ID", socket.gethostname(), str),
-        host=_get(env, "HOST", "0.0.0.0", str),  # noqa: S104
+        host=_get(env, "HOST", _default_host(convex_url), str),
         port=_get(env, "PORT", 8080, _positive(int)),
         log_level=_get(env, "LOG_LEVEL", "INFO", str.upper),
         cli_env_passthrough=_get(env, "CLI_ENV_PASSTHROUGH", (), _csv),
