@@ -64,6 +64,7 @@ class Settings:
     clone_max_files: int = 200_000
     max_doc_bytes: int = 800_000
     retry_after_s: int = 5
+    max_event_streams: int = 32
     worker_id: str = "worker"
     host: str = "127.0.0.1"  # see load_settings: all interfaces only when asked, or with Convex
     port: int = 8080
@@ -164,6 +165,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         clone_max_files=_get(env, "CLONE_MAX_FILES", 200_000, _positive(int)),
         max_doc_bytes=_get(env, "MAX_DOC_BYTES", 800_000, _positive(int)),
         retry_after_s=_get(env, "RETRY_AFTER_S", 5, _positive(int)),
+        max_event_streams=_get(env, "MAX_EVENT_STREAMS", 32, _positive(int)),
         worker_id=_get(env, "WORKER_ID", socket.gethostname(), str),
         host=_get(env, "HOST", _default_host(convex_url), str),
         port=_get(env, "PORT", 8080, _positive(int)),

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from app.adapters.sqlite_store import Delivery, JobView, SqliteJobStore
 from app.clock import Clock
@@ -29,6 +31,17 @@ log = logging.getLogger("fondation.webhooks")
 BODY_READ_TIMEOUT_S = 10.0
 SSE_KEEPALIVE_S = 15.0
 PROBLEM_BASE = "urn:fondation:problem:"
+# An event id: ASCII digits that fit SQLite's 64-bit integers (str.isdigit() also takes "²"
+# and Arabic-Indic digits, and int() refuses more than 4,300 digits: both gave a 500).
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
+class StreamCount:
+    """Open event streams; each polls the store every second, so they are capped
+    (`MAX_EVENT_STREAMS`)."""
+
+    def __init__(self) -> None:
+        self.open = 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ class Services:
     metrics: Metrics
     clock: Clock
     resolver: Resolver
+    streams: StreamCount = field(default_factory=StreamCount)
 
 
 class Problem(Exception):
@@ -306,13 +320,46 @@ async def job_events(request: Request) -> Response:
     _embedded_only(services)
     job = _job_or_404(services, request.path_params["job_id"])
     cursor_raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not cursor_raw.isdigit():
+    if not _EVENT_ID.fullmatch(cursor_raw):
         raise Problem(400, "bad-request", "Bad Request", "invalid Last-Event-ID")
-    return StreamingResponse(
+    if services.streams.open >= services.settings.max_event_streams:
+        raise Problem(
+            503,
+            "too-many-streams",
+            "Service Unavailable",
+            "too many open event streams",
+            {"Retry-After": str(services.settings.retry_after_s)},
+        )
+    # Counted from here to the end of the response, whatever ends it (see _CountedStream).
+    services.streams.open += 1
+    return _CountedStream(
+        services.streams,
         _event_stream(services, job.job_id, int(cursor_raw)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+class _CountedStream(StreamingResponse):
+    """A streaming response that gives its place in `StreamCount` back when it ends: after
+    the last event, on a client disconnect, or when the server shuts down."""
+
+    def __init__(
+        self,
+        count: StreamCount,
+        content: AsyncIterator[bytes],
+        *,
+        media_type: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._count.open -= 1
 
 
 async def _event_stream(services: Services, job_id: str, cursor: int) -> AsyncIterator[bytes]:

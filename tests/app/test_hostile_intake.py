@@ -107,3 +107,139 @@ async def test_dns_rebinding_cannot_redirect_the_clone(tmp_path: Path) -> None:
         assert checked.request_count > 0
         assert job["status"] == "completed", job
         assert lookups == ["localhost", "localhost"]  # at intake, and again before the clone
+
+
+# -- item 9: the event stream ----------------------------------------------------------------
+
+
+class _Stream:
+    """One GET on the raw ASGI app, held open until `close` (httpx's ASGI transport would
+    wait for the whole body, and an event stream of a running job has no end)."""
+
+    def __init__(self, app: Any, path: str, headers: dict[str, str], query: str = "") -> None:
+        self.start: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.body = bytearray()
+        self._gone = asyncio.Event()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            # Header bytes as a client sends them; Starlette reads them as latin-1.
+            "headers": [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()],
+            "client": ("127.0.0.1", 50000),
+            "server": ("worker", 80),
+            "state": {},
+        }
+        self.task = asyncio.create_task(app(scope, self._receive, self._send))
+
+    async def _receive(self) -> dict[str, Any]:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not self.start.done():
+            self.start.set_result(message)
+        elif message["type"] == "http.response.body":
+            self.body += message.get("body", b"")
+
+    async def status(self) -> int:
+        return int((await asyncio.wait_for(asyncio.shield(self.start), 5))["status"])
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.start.result()["headers"]:
+            if key.decode().lower() == name:
+                return str(value.decode())
+        return None
+
+    async def close(self) -> None:
+        self._gone.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.task, 5)
+
+
+@contextlib.asynccontextmanager
+async def held_app(tmp_path: Path, **env: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app with a reporter that holds every claim: accepted jobs stay running."""
+    from tests.support.fakes import HeldReporter, public_resolver
+
+    settings = load_settings(
+        {
+            "WEBHOOK_SECRETS": SECRET,
+            "DATA_DIR": str(tmp_path / "data"),
+            "WORK_DIR": str(tmp_path / "work"),
+            "SHUTDOWN_GRACE_S": "2",
+            "WORKER_ID": "hostile-test",
+            **env,
+        }
+    )
+    reporter = HeldReporter()
+    app = create_app(settings, environ={}, resolver=public_resolver, reporter=reporter)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+            try:
+                yield app, client
+            finally:
+                reporter.release.set()
+
+
+URL = "https://github.com/owner/repo.git"
+
+
+@pytest.mark.parametrize(
+    ("header", "query"),
+    [
+        ("²", ""),  # str.isdigit() is true for it, int() is not
+        ("1" * 5000, ""),  # past int()'s 4,300-digit limit
+        ("99999999999999999999", ""),  # past SQLite's 64-bit integers
+        ("-1", ""),
+        ("1.0", ""),
+        ("0x10", ""),
+        ("", "after=%D9%A1%D9%A2"),  # Arabic-Indic digits in ?after=
+        ("", "after=%C2%B2"),
+    ],
+)
+async def test_last_event_id_is_parsed_strictly(tmp_path: Path, header: str, query: str) -> None:
+    async with held_app(tmp_path) as (app, client):
+        assert (await submit(client, "sse", URL)).status_code == 202
+        headers = {"last-event-id": header} if header else {}
+        stream = _Stream(app, "/v1/jobs/sse/events", headers, query)
+        try:
+            status = await stream.status()
+        finally:
+            await stream.close()
+        assert status == 400
+        assert stream.header("content-type") == "application/problem+json"
+        assert b"invalid Last-Event-ID" in stream.body
+
+
+async def test_concurrent_event_streams_are_capped(tmp_path: Path) -> None:
+    async with held_app(tmp_path, MAX_EVENT_STREAMS="3", RETRY_AFTER_S="9") as (app, client):
+        assert (await submit(client, "sse", URL)).status_code == 202
+        streams = [_Stream(app, "/v1/jobs/sse/events", {}) for _ in range(3)]
+        try:
+            assert [await s.status() for s in streams] == [200, 200, 200]
+            refused = _Stream(app, "/v1/jobs/sse/events", {})
+            assert await refused.status() == 503
+            assert refused.header("retry-after") == "9"
+            await refused.close()
+            await streams.pop().close()  # a closed stream gives its place back
+            again = _Stream(app, "/v1/jobs/sse/events", {})
+            streams.append(again)
+            assert await again.status() == 200
+        finally:
+            for s in streams:
+                await s.close()
+        # Every stream closed: the count is back to zero, three may open again.
+        fresh = [_Stream(app, "/v1/jobs/sse/events", {}) for _ in range(3)]
+        try:
+            assert [await s.status() for s in fresh] == [200, 200, 200]
+        finally:
+            for s in fresh:
+                await s.close()
