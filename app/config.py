@@ -51,6 +51,7 @@ class Settings:
     allow_insecure_git: bool = False
     allow_private_networks: bool = False
     dedupe_ttl_s: int = DEDUPE_MIN_S
+    job_retention_s: float = 7 * 24 * 3600.0
     data_dir: Path = Path("var")
     work_dir: Path = Path("var/work")
     convex_url: str | None = None
@@ -152,6 +153,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         allow_insecure_git=_get(env, "ALLOW_INSECURE_GIT", False, _bool),
         allow_private_networks=_get(env, "ALLOW_PRIVATE_NETWORKS", False, _bool),
         dedupe_ttl_s=max(DEDUPE_MIN_S, _get(env, "DEDUPE_TTL_S", DEDUPE_MIN_S, _positive(int))),
+        job_retention_s=_get(env, "JOB_RETENTION_S", 7 * 24 * 3600.0, _positive(float)),
         data_dir=data_dir,
         work_dir=_get(env, "WORK_DIR", data_dir / "work", Path).absolute(),
         convex_url=convex_url,

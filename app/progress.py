@@ -38,7 +38,7 @@ _STEP = re.compile(
     (?:\d{4}-\d{2}-\d{2}[T\ ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2})?\s+)?
     (?-i:(?:TRACE|DEBUG|INFO|WARN|WARNING|ERROR|FATAL)(?:\s*\(\d+\))?:?\s+)?  # INFO (42):
     \[(?:FONDATION_STEP_)?(?P<i>\d{1,6})/(?P<n>\d{1,6})\]
-    (?:\s+(?P<text>.*?))?\s*$""",
+    (?:\s+(?P<text>.*))?$""",  # greedy to the end, stripped after: one scan of a long line
     re.VERBOSE | re.IGNORECASE | re.DOTALL,
 )
 
@@ -80,11 +80,15 @@ def parse_step(line: str) -> StepLine | None:
 class ProgressTracker:
     """What to report, and when, for one attempt.
 
-    * `set_phase` and `final` always emit; a step change (`feed` of a step line with another
-      (index, total) than the current one) always emits at once.
+    * `set_phase` and `final` always emit.
+    * A step change (`feed` of a step line with another (index, total) than the current one)
+      updates the state at once and emits when `min_interval_s` passed since the last
+      emission; otherwise `tick` emits it once the interval has passed. A CLI flipping
+      between steps cannot make more than one report per interval (each report is a store
+      write, a Convex call and a log line), and the step text is cut to `max_line_chars`.
     * Any other line is a log line: kept in a ring of the newest `max_log_lines`, each cut to
       `max_line_chars`; it triggers an emission only when `min_interval_s` passed since the last
-      emission. `tick` flushes pending logs under the same rule.
+      emission. `tick` flushes pending logs and a held step change under the same rule.
     * `tick` emits a heartbeat (same state, no logs) once nothing was emitted for `heartbeat_s`
       (never more often than `min_interval_s`).
     * Every emission carries the logs pending since the previous one, and a `seq` one higher.
@@ -109,6 +113,7 @@ class ProgressTracker:
         self._total = 0
         self._message = ""
         self._last_emit_s: float | None = None
+        self._held = False  # a step change not reported yet
         self.dropped_lines = 0
         """Log lines that fell out of the ring before they could be reported."""
 
@@ -135,13 +140,13 @@ class ProgressTracker:
         step = parse_step(line)
         if step is not None and (step.index, step.total) != (self._step, self._total):
             self._step, self._total = step.index, step.total
-            self._message = step.text or f"Step {step.index}/{step.total}"
-            return self._emit(now_s)
+            self._message = self._cut(step.text or f"Step {step.index}/{step.total}")
+            self._held = True
+            return self._emit(now_s) if self._interval_passed(now_s) else None
         text = _ANSI.sub("", line_text(line)).rstrip()
         if not text.strip():
             return None
-        if len(text) > self.max_line_chars:
-            text = text[: self.max_line_chars - 1] + "…"
+        text = self._cut(text)
         if self._logs.maxlen == 0:
             self.dropped_lines += 1
             return None
@@ -181,14 +186,18 @@ class ProgressTracker:
             text = _ANSI.sub("", line_text(line)).rstrip()
             if not text.strip():
                 continue
-            if len(text) > self.max_line_chars:
-                text = text[: self.max_line_chars - 1] + "…"
+            text = self._cut(text)
             if len(self._logs) == self._logs.maxlen:
                 self.dropped_lines += 1
             self._logs.append(text)
 
+    def _cut(self, text: str) -> str:
+        if len(text) > self.max_line_chars:
+            return text[: self.max_line_chars - 1] + "…"
+        return text
+
     def tick(self, now_s: float) -> Progress | None:
-        if self._logs and self._interval_passed(now_s):
+        if (self._logs or self._held) and self._interval_passed(now_s):
             return self._emit(now_s)
         if self._last_emit_s is not None and now_s - self._last_emit_s >= self.heartbeat_s:
             return self._emit(now_s)
@@ -203,6 +212,7 @@ class ProgressTracker:
     def _emit(self, now_s: float) -> Progress:
         self._seq += 1
         self._last_emit_s = now_s
+        self._held = False
         logs = tuple(self._logs)
         self._logs.clear()
         return Progress(

@@ -32,6 +32,9 @@ from app.domain import (
 )
 
 SCHEMA_VERSION = 1
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+"""How long a finished job, its docs and its events stay in the embedded store
+(JOB_RETENTION_S)."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
   webhook_id TEXT PRIMARY KEY,
@@ -238,12 +241,21 @@ def _row_to_view(row: sqlite3.Row) -> JobView:
 class SqliteJobStore:
     """Deliveries, jobs, docs and events in one SQLite file; also a `JobReporter`."""
 
-    def __init__(self, path: Path, *, clock: Clock, worker_id: str, dedupe_ttl_s: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock,
+        worker_id: str,
+        dedupe_ttl_s: int,
+        retention_s: float = DEFAULT_RETENTION_S,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
         self._clock = clock
         self._worker_id = worker_id
         self._dedupe_ttl_s = dedupe_ttl_s
+        self._retention_s = retention_s
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -374,11 +386,32 @@ class SqliteJobStore:
         return None if row is None else Delivery(**dict(row))
 
     def prune(self) -> int:
-        """Forget deliveries older than the dedupe window; returns how many."""
+        """Forget deliveries older than the dedupe window, and finished jobs (with their
+        docs and events) not updated for `retention_s`; returns how many deliveries."""
+        now = self._clock.now()
+        final = [str(status) for status in JobStatus if status.is_final]
+        marks = ",".join("?" for _ in final)
         with self._tx() as db:
             cur = db.execute(
-                "DELETE FROM deliveries WHERE created_at < ?",
-                (self._clock.now() - self._dedupe_ttl_s,),
+                "DELETE FROM deliveries WHERE created_at < ?", (now - self._dedupe_ttl_s,)
+            )
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS expired(job_id TEXT, attempt INTEGER)")
+            db.execute("DELETE FROM temp.expired")
+            db.execute(
+                f"INSERT INTO temp.expired SELECT job_id, attempt FROM jobs "  # noqa: S608
+                f"WHERE status IN ({marks}) AND updated_at < ?",
+                (*final, now - self._retention_s),
+            )
+            for table in ("docs", "events", "jobs"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE (job_id, attempt) IN "  # noqa: S608
+                    "(SELECT job_id, attempt FROM temp.expired)"
+                )
+            # Events of attempts the store never knew (a cancel for another worker's job).
+            db.execute(
+                "DELETE FROM events WHERE at < ? AND NOT EXISTS (SELECT 1 FROM jobs "
+                "WHERE jobs.job_id = events.job_id AND jobs.attempt = events.attempt)",
+                (now - self._retention_s,),
             )
             return cur.rowcount
 

@@ -243,3 +243,70 @@ async def test_concurrent_event_streams_are_capped(tmp_path: Path) -> None:
         finally:
             for s in fresh:
                 await s.close()
+
+
+# -- item 5: step-line floods ----------------------------------------------------------------
+
+FLOOD_CLI = """
+import sys, time
+end = time.monotonic() + float(sys.argv[1])
+k = 0
+while time.monotonic() < end:
+    k += 1
+    sys.stdout.write(f"[{k % 2 + 1}/2] " + "x" * 60_000 + "\\n")
+    sys.stdout.flush()
+    time.sleep(0.005)
+print(f"wrote {k} step lines", file=sys.stderr)
+"""
+
+
+async def test_step_line_flood_is_rate_limited_and_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import sqlite3
+
+    caplog.set_level(logging.INFO, logger="fondation.jobs")
+    make_repo(tmp_path / "repos" / "demo.git", SOURCE)
+    script = tmp_path / "flood.py"
+    script.write_text(FLOOD_CLI)
+    flood_s = 3.0
+
+    async def loopback(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    with GitHttpServer(tmp_path / "repos") as srv:
+        async with embedded_app(
+            tmp_path,
+            loopback,
+            ALLOWED_GIT_HOSTS="127.0.0.1",
+            ALLOW_INSECURE_GIT="1",
+            ALLOW_PRIVATE_NETWORKS="1",
+            PROGRESS_MIN_INTERVAL_S="1",
+            FONDATION_COMMAND=f"{sys.executable} {script} {flood_s} {{output_dir}}",
+        ) as client:
+            assert (await submit(client, "flood", srv.url_for("demo"))).status_code == 202
+            job = await final_job(client, "flood")
+    data = tmp_path / "data"
+    db = sqlite3.connect(data / "jobs.sqlite3")
+    try:
+        rows = db.execute(
+            "SELECT data, at FROM events WHERE job_id = 'flood' AND type = 'progress'"
+        ).fetchall()
+    finally:
+        db.close()
+    stored = sum(len(r[0]) for r in rows)
+    on_disk = sum(f.stat().st_size for f in data.glob("jobs.sqlite3*"))
+    steps_logged = [r for r in caplog.records if r.getMessage() == "step started"]
+    log_chars = sum(len(str(getattr(r, "step_message", ""))) for r in steps_logged)
+    print(
+        f"FIGURES step flood ({flood_s:g} s of [1/2]/[2/2] 60 KB lines): {len(rows)} progress "
+        f"reports, {stored} B of events, {on_disk} B of SQLite files, "
+        f"{len(steps_logged)} 'step started' log lines ({log_chars} chars); job {job['status']}"
+    )
+    assert job["status"] in FINAL
+    # At most one report a second while the CLI runs, plus the phase changes around it.
+    assert len(rows) <= flood_s + 8
+    assert stored < 200_000
+    assert len(steps_logged) <= flood_s + 2 and log_chars <= (flood_s + 2) * 500
+    assert len(job["message"]) <= 500
