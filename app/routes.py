@@ -19,7 +19,7 @@ from app.adapters.sqlite_store import Delivery, JobView, SqliteJobStore
 from app.clock import Clock
 from app.config import Settings
 from app.domain import CancelRequest, JobSpec, JobStatus
-from app.errors import PayloadError, SignatureError
+from app.errors import PayloadError, SignatureError, StoreError
 from app.jobs import JobManager, NoSlotError
 from app.metrics import Metrics
 from app.payload import JOB_START, decode_json, parse_envelope
@@ -151,6 +151,12 @@ def _busy(services: Services) -> Problem:
     return Problem(503, "no-slot", "Service Unavailable", "no free job slot", retry)
 
 
+def _store_unavailable(services: Services, exc: StoreError) -> Problem:
+    log.error("job store failed", extra={"error": str(exc)})
+    retry = {"Retry-After": str(services.settings.retry_after_s)}
+    return Problem(503, "store-unavailable", "Service Unavailable", str(exc), retry)
+
+
 async def _handle_webhook(request: Request, services: Services) -> tuple[str, str, Response]:
     """Returns (event type, outcome, response)."""
     body = await _read_body(request, services.settings.max_body_bytes)
@@ -225,7 +231,11 @@ async def webhooks(request: Request) -> Response:
     started = time.perf_counter()
     event_type, outcome = "unknown", "error"
     try:
-        event_type, outcome, response = await _handle_webhook(request, services)
+        try:
+            event_type, outcome, response = await _handle_webhook(request, services)
+        except StoreError as exc:
+            # Nothing was recorded and no slot taken: the sender may deliver again later.
+            raise _store_unavailable(services, exc) from None
     except Problem as p:
         outcome = p.slug
         response = problem_response(p)
@@ -257,11 +267,15 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _guard(handler: Handler) -> Handler:
-    """Render a `Problem` raised by a handler as its RFC 9457 response."""
+    """Render a `Problem` raised by a handler as its RFC 9457 response (a failing store as
+    503)."""
 
     async def wrapped(request: Request) -> Response:
         try:
-            return await handler(request)
+            try:
+                return await handler(request)
+            except StoreError as exc:
+                raise _store_unavailable(_services(request), exc) from None
         except Problem as p:
             return problem_response(p)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,7 @@ async def embedded_app(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+            client.app_ref = app  # type: ignore[attr-defined]
             yield client
 
 
@@ -310,3 +312,116 @@ async def test_step_line_flood_is_rate_limited_and_bounded(
     assert stored < 200_000
     assert len(steps_logged) <= flood_s + 2 and log_chars <= (flood_s + 2) * 500
     assert len(job["message"]) <= 500
+
+
+# -- item 4: a full disk ---------------------------------------------------------------------
+
+
+class FullDisk:
+    """Stands in for the store's sqlite3 connection: statements `failing` picks fail as
+    SQLite fails on a full disk (SQLITE_FULL), at most `times` times."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.failing: Any = lambda sql, args: False
+        self.times = 0
+        self.failed = 0
+
+    def fill(self, failing: Any, times: int = 1_000_000) -> None:
+        self.failing, self.times, self.failed = failing, times, 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        params = args[0] if args else ()
+        if self.failed < self.times and self.failing(sql, params):
+            self.failed += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+def writes(sql: str, params: Any) -> bool:
+    return sql.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE", "COMMIT")
+
+
+def full_disk(app: Any) -> FullDisk:
+    store = app.state.services.store
+    disk = FullDisk(store._db)
+    store._db = disk
+    return disk
+
+
+async def test_full_disk_at_intake_is_503_with_retry_after_and_records_nothing(
+    tmp_path: Path,
+) -> None:
+    async with held_app(tmp_path, RETRY_AFTER_S="11") as (app, client):
+        disk = full_disk(app)
+        disk.fill(writes)
+        r = await submit(client, "full", URL)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "11"
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["type"].endswith("store-unavailable")
+        assert "disk" in r.json()["detail"]
+        disk.fill(lambda sql, params: False)
+        # Nothing was recorded and no slot was taken: the redelivery is accepted.
+        assert (await client.get("/v1/jobs/full")).status_code == 404
+        assert (await submit(client, "full", URL)).status_code == 202
+
+
+@contextlib.asynccontextmanager
+async def simulated_job(tmp_path: Path) -> AsyncIterator[tuple[Any, httpx.AsyncClient, str]]:
+    """The embedded app, a served repository and the simulator (slow enough to report)."""
+    make_repo(tmp_path / "repos" / "demo.git", {**SOURCE, ".fondation-sim.json": STEPS})
+
+    async def loopback(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    settings = {
+        "ALLOWED_GIT_HOSTS": "127.0.0.1",
+        "ALLOW_INSECURE_GIT": "1",
+        "ALLOW_PRIVATE_NETWORKS": "1",
+    }
+    with GitHttpServer(tmp_path / "repos") as srv:
+        async with embedded_app(tmp_path, loopback, **settings) as client:
+            yield client.app_ref, client, srv.url_for("demo")  # type: ignore[attr-defined]
+
+
+STEPS = '{"step_delay_s": 0.15}'
+
+
+async def test_progress_writes_failing_do_not_fail_a_finished_run(tmp_path: Path) -> None:
+    # Before: the progress sender died on the store error, and the finished run was
+    # recorded failed/internal.
+    async with simulated_job(tmp_path) as (app, client, url):
+        disk = full_disk(app)
+        disk.fill(lambda sql, params: writes(sql, params) and "seq = ?" in sql, times=4)
+        assert (await submit(client, "progress", url)).status_code == 202
+        job = await final_job(client, "progress")
+    print(f"FIGURES full disk, progress: {disk.failed} writes failed; job {job['status']}")
+    assert disk.failed == 4
+    assert job["status"] == "completed", job
+    assert job["docsCount"] == 7
+
+
+async def test_final_report_is_retried_until_the_store_takes_it(tmp_path: Path) -> None:
+    async with simulated_job(tmp_path) as (app, client, url):
+        disk = full_disk(app)
+        disk.fill(lambda sql, params: writes(sql, params) and "completed" in params, times=2)
+        assert (await submit(client, "final", url)).status_code == 202
+        job = await final_job(client, "final")
+    assert disk.failed == 2
+    assert job["status"] == "completed", job
+
+
+async def test_docs_that_do_not_fit_fail_the_job_with_a_clear_message(tmp_path: Path) -> None:
+    async with simulated_job(tmp_path) as (app, client, url):
+        disk = full_disk(app)
+        disk.fill(lambda sql, params: "INSERT INTO docs" in sql)
+        assert (await submit(client, "docs", url)).status_code == 202
+        job = await final_job(client, "docs")
+    print(f"FIGURES full disk, docs: job {job['status']} {job['error']}")
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "internal" and job["error"]["retryable"] is True
+    assert "out of space" in job["error"]["message"]

@@ -128,3 +128,31 @@ async def test_finished_jobs_docs_and_events_are_pruned_after_the_retention(
     assert s.list_docs("j1", 1) == [] and s.events_since("j1", 0) == []
     # A job still running is never pruned, however old.
     assert s.get_job("j2") is not None and s.events_since("j2", 0)
+
+
+def test_a_failed_commit_is_a_store_error_and_leaves_no_transaction(tmp_path: Path) -> None:
+    import sqlite3
+
+    import pytest
+
+    from app.errors import StoreError
+
+    s = store(tmp_path, FakeClock())
+    real = s._db
+
+    class FullOnCommit:
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    s._db = FullOnCommit()  # type: ignore[assignment]
+    with pytest.raises(StoreError, match="disk is full"):
+        s.record_start("j1:1", "fp", SPEC)
+    s._db = real
+    assert not real.in_transaction
+    assert s.lookup_delivery("j1:1") is None  # rolled back
+    assert s.record_start("j1:1", "fp", SPEC).recorded
