@@ -82,10 +82,12 @@ class ProgressTracker:
 
     * `set_phase` and `final` always emit.
     * A step change (`feed` of a step line with another (index, total) than the current one)
-      updates the state at once and emits when `min_interval_s` passed since the last
-      emission; otherwise `tick` emits it once the interval has passed. A CLI flipping
-      between steps cannot make more than one report per interval (each report is a store
-      write, a Convex call and a log line), and the step text is cut to `max_line_chars`.
+      updates the state at once and emits at once when `min_interval_s` passed since the
+      last emission, or while a burst allowance lasts (`step_burst` changes, one more earned
+      per interval: a CLI whose first steps are instant still shows each). Otherwise `tick`
+      emits it once the interval has passed. So a CLI flipping between steps makes at most
+      `step_burst` + one report per interval (each report is a store write, a Convex call
+      and log lines), and the step text is cut to `max_line_chars`.
     * Any other line is a log line: kept in a ring of the newest `max_log_lines`, each cut to
       `max_line_chars`; it triggers an emission only when `min_interval_s` passed since the last
       emission. `tick` flushes pending logs and a held step change under the same rule.
@@ -100,6 +102,7 @@ class ProgressTracker:
         heartbeat_s: float,
         max_log_lines: int = 20,
         max_line_chars: int = 500,
+        step_burst: int = 8,
     ) -> None:
         if min_interval_s < 0 or heartbeat_s <= 0 or max_log_lines < 0 or max_line_chars < 1:
             raise ValueError("invalid ProgressTracker limits")
@@ -114,6 +117,9 @@ class ProgressTracker:
         self._message = ""
         self._last_emit_s: float | None = None
         self._held = False  # a step change not reported yet
+        self.step_burst = step_burst
+        self._step_tokens = float(step_burst)
+        self._tokens_at_s: float | None = None
         self.dropped_lines = 0
         """Log lines that fell out of the ring before they could be reported."""
 
@@ -142,7 +148,9 @@ class ProgressTracker:
             self._step, self._total = step.index, step.total
             self._message = self._cut(step.text or f"Step {step.index}/{step.total}")
             self._held = True
-            return self._emit(now_s) if self._interval_passed(now_s) else None
+            if self._interval_passed(now_s) or self._take_step_token(now_s):
+                return self._emit(now_s)
+            return None
         text = _ANSI.sub("", line_text(line)).rstrip()
         if not text.strip():
             return None
@@ -190,6 +198,16 @@ class ProgressTracker:
             if len(self._logs) == self._logs.maxlen:
                 self.dropped_lines += 1
             self._logs.append(text)
+
+    def _take_step_token(self, now_s: float) -> bool:
+        if self._tokens_at_s is not None and self.min_interval_s > 0:
+            earned = (now_s - self._tokens_at_s) / self.min_interval_s
+            self._step_tokens = min(float(self.step_burst), self._step_tokens + earned)
+        self._tokens_at_s = now_s
+        if self._step_tokens < 1:
+            return False
+        self._step_tokens -= 1
+        return True
 
     def _cut(self, text: str) -> str:
         if len(text) > self.max_line_chars:

@@ -307,10 +307,10 @@ async def test_step_line_flood_is_rate_limited_and_bounded(
         f"{len(steps_logged)} 'step started' log lines ({log_chars} chars); job {job['status']}"
     )
     assert job["status"] in FINAL
-    # At most one report a second while the CLI runs, plus the phase changes around it.
-    assert len(rows) <= flood_s + 8
-    assert stored < 200_000
-    assert len(steps_logged) <= flood_s + 2 and log_chars <= (flood_s + 2) * 500
+    # The burst allowance (8), then one report a second, plus the phase changes around it.
+    assert len(rows) <= 8 + flood_s + 8
+    assert stored < 300_000
+    assert len(steps_logged) <= 8 + flood_s + 2 and log_chars <= (8 + flood_s + 2) * 500
     assert len(job["message"]) <= 500
 
 

@@ -79,9 +79,9 @@ def test_job_completes_with_docs_in_order(worker: WorkerProcess, git_server: Git
     assert statuses[0] == "accepted" and statuses[-1] == "completed"
     for phase in ("claimed", "cloning", "analyzing", "gathering"):
         assert phase in statuses
-    # Step changes within PROGRESS_MIN_INTERVAL_S are coalesced (issue 11 item 5): the
-    # simulator's instant steps may show only in part, the last one perhaps with the next phase.
-    steps = [e["currentStep"] for e in evs if e["type"] == "progress" and e["currentStep"]]
+    steps = [
+        e["currentStep"] for e in evs if e["type"] == "progress" and e["status"] == "analyzing"
+    ]
     assert steps == sorted(steps) and max(steps) == 6
     job = httpx.get(f"{worker.url}/v1/jobs/happy").json()
     assert job["status"] == "completed" and job["docsCount"] == 7
