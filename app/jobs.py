@@ -455,7 +455,7 @@ class _Pipeline:
         self._phase(JobStatus.CLONING, "cloning the repository")
         t0 = self._now()
         try:
-            await self.d.policy.check(self.spec.repository.url, self.d.resolver)
+            target = await self.d.policy.check(self.spec.repository.url, self.d.resolver)
         except UrlPolicyError as exc:
             raise JobFailure(FailureCode.CLONE_FAILED, exc.reason) from None
         await self._until_stopped(
@@ -466,6 +466,8 @@ class _Pipeline:
                 token=self.clone_token,
                 timeout_s=s.clone_timeout_s,
                 max_bytes=s.clone_max_bytes,
+                max_entries=s.clone_max_files,
+                addresses=target.addresses,  # git connects to what was checked, no new lookup
             )
         )
         if self.run.stop.is_set():

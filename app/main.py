@@ -72,6 +72,7 @@ def create_app(
         clock=clock,
         worker_id=settings.worker_id,
         dedupe_ttl_s=settings.dedupe_ttl_s,
+        retention_s=settings.job_retention_s,
     )
     reporter = reporter or build_reporter(settings, store, clock, metrics)
     manager = JobManager(
@@ -162,7 +163,7 @@ async def _prune_forever(store: SqliteJobStore) -> None:
         try:
             store.prune()
         except Exception:  # a prune failure must never take the worker down
-            log.exception("pruning old deliveries failed")
+            log.exception("pruning old deliveries and jobs failed")
         await asyncio.sleep(PRUNE_EVERY_S)
 
 
