@@ -23,6 +23,7 @@ from app.adapters.sqlite_store import SqliteJobStore
 from app.adapters.store import JobReporter
 from app.board.auth import ApiGate
 from app.board.routes import board_routes, build_board
+from app.board.source import BoardSource
 from app.clock import Clock, SystemClock
 from app.config import Settings
 from app.jobs import JobManager
@@ -60,6 +61,7 @@ def create_app(
     resolver: Resolver | None = None,
     reporter: JobReporter | None = None,
     redactor: Redactor | None = None,
+    board_source: BoardSource | None = None,
 ) -> Starlette:
     """The worker as an ASGI app; every dependency can be injected for tests."""
     clock = clock or SystemClock()
@@ -86,7 +88,7 @@ def create_app(
         resolver=resolver or system_resolver,
         redactor=redactor,
     )
-    board = build_board(settings, store=store, manager=manager, clock=clock)
+    board = build_board(settings, store=store, manager=manager, clock=clock, source=board_source)
     services = Services(
         settings=settings,
         store=store,

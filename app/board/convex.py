@@ -19,6 +19,7 @@ Functions (timestamps in ms; see the report / docs for the full spec):
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -165,7 +166,8 @@ class ConvexSource:
         except httpx.HTTPError as exc:
             raise BoardSourceError(f"Convex unreachable: {type(exc).__name__}") from None
         try:
-            doc = resp.json()
+            # Convex numbers are float64: parse ints as floats, as the convex package expects.
+            doc = json.loads(resp.text, parse_int=float)
         except ValueError:
             raise BoardSourceError(f"Convex answered HTTP {resp.status_code}") from None
         if resp.status_code == 200 and doc.get("status") == "success":

@@ -133,9 +133,15 @@ class Board:
 
 
 def build_board(
-    settings: Settings, *, store: SqliteJobStore, manager: JobManager, clock: Clock
+    settings: Settings,
+    *,
+    store: SqliteJobStore,
+    manager: JobManager,
+    clock: Clock,
+    source: BoardSource | None = None,
 ) -> Board:
-    """The board for these settings; `enabled` is False without a board password."""
+    """The board for these settings; `enabled` is False without a board password. `source`
+    replaces the Convex one (tests)."""
     access = build_access(settings, clock)
     enabled = board_enabled(settings)
     board = Board(settings=settings, access=access, enabled=enabled)
@@ -143,6 +149,8 @@ def build_board(
         board_store = BoardStore(store)
         board.dispatcher = PendingDispatcher(board_store, manager)
         board.source = EmbeddedSource(board_store, manager)
+    elif source is not None:
+        board.source = source
     elif enabled:
         if not settings.board_secret:
             raise ConfigError("BOARD_SECRET", "the board in Convex mode needs BOARD_SECRET")
