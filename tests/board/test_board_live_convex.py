@@ -4,6 +4,7 @@ Convex data source against a fake of the operator functions, and the board in Co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,8 @@ class CountingSource:
         self.changed.set()
 
     async def wait_change(self, timeout_s: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.changed.wait(), timeout_s)
-        except TimeoutError:
-            pass
         self.changed.clear()
 
     async def probe(self) -> str:
