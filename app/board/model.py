@@ -14,8 +14,9 @@ FINISHED = ("completed", "failed", "canceled", "dead")
 ALL_STATUSES = (*PENDING, *RUNNING, *FINISHED)
 RETRYABLE_STATUSES = ("failed", "dead")
 CANCELABLE_STATUSES = (*PENDING, *RUNNING)
-PAGE_SIZE = 25
-QUEUE_LIMIT = 50
+PAGE_SIZE = 20  # finished jobs per page
+QUEUE_LIMIT = 10  # pending jobs shown (then "and N more")
+RUNNING_LIMIT = 20
 LOG_LINES = 40
 MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
 

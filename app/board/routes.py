@@ -302,10 +302,15 @@ def _page_number(request: Request) -> int:
 
 async def _index(request: Request, board: Board, session: Session) -> Response:
     assert board.source is not None
+    started = time.perf_counter()
     page = _page_number(request)
     snap = await board.source.snapshot(page)
     ctx = _base_ctx(board, session, snap=snap, flash=_take_flash(request), page=page)
-    return _with_flash(_render(request, "board.html", ctx), request)
+    response = _with_flash(_render(request, "board.html", ctx), request)
+    # Read + render time, for the operator's devtools and bench/board.py.
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    response.headers["Server-Timing"] = f"board;dur={elapsed_ms:.3f}"
+    return response
 
 
 async def _job(request: Request, board: Board, session: Session) -> Response:

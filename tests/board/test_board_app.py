@@ -215,15 +215,16 @@ def test_board_template_and_context(client: TestClient) -> None:
     assert r.context["csrf"]  # type: ignore[attr-defined]
 
 
-def test_board_paginates_finished_jobs(client: TestClient) -> None:
-    for i in range(30):
+def test_board_paginates_finished_jobs(client: TestClient, clock: FakeClock) -> None:
+    for i in range(45):
         seed(client, f"done-{i:02d}", "completed")
+        clock.advance(1)
     login(client)
-    first = client.get("/board").context["snap"]  # type: ignore[attr-defined]
-    assert len(first.recent) == 25 and first.has_next
-    second = client.get("/board?page=2").context["snap"]  # type: ignore[attr-defined]
-    assert len(second.recent) == 5 and not second.has_next
-    assert not {j.job_id for j in first.recent} & {j.job_id for j in second.recent}
+    pages = [client.get(f"/board?page={n}").context["snap"] for n in (1, 2, 3)]  # type: ignore[attr-defined]
+    assert [len(p.recent) for p in pages] == [20, 20, 5]
+    assert [p.has_next for p in pages] == [True, True, False]
+    ids = [j.job_id for p in pages for j in p.recent]
+    assert ids == [f"done-{i:02d}" for i in reversed(range(45))]  # newest first, no overlap
 
 
 def test_job_page_shows_attempts_steps_logs_and_docs(client: TestClient, clock: FakeClock) -> None:
@@ -270,7 +271,11 @@ def test_retry_needs_a_valid_csrf_token_and_then_queues_attempt_2(client: TestCl
     job = store(client).get_job("bad-1")
     # Attempt 2 is queued; with a free slot the dispatcher starts it at once.
     assert job.attempt == 2 and str(job.status) in {"pending", "accepted", "claimed"}
-    assert "attempt 2 queued" in client.get("/board").text
+    page = client.get("/board")
+    assert "attempt 2 queued" in page.text
+    # The job counts once, by its latest attempt: the failed attempt 1 is not a failed job.
+    counts = dict(page.context["snap"].counts)  # type: ignore[attr-defined]
+    assert "failed" not in counts and sum(counts.values()) == 1
 
 
 def test_csrf_token_of_another_session_is_refused(client: TestClient, tmp_path: Path) -> None:
