@@ -37,9 +37,16 @@ class LiveHub:
     """Reads once per change, sends to all. `reads` counts topic reads (for tests/bench)."""
 
     def __init__(
-        self, *, wait_change: Wait, probe: Probe, poll_s: float = 1.0, debounce_s: float = 0.2
+        self,
+        *,
+        wait_change: Wait,
+        probe: Probe,
+        poll_s: float = 1.0,
+        debounce_s: float = 0.2,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self._wait_change = wait_change
+        self._stopping = stopping
         self._probe = probe
         self._poll_s = poll_s
         self._debounce_s = debounce_s
@@ -86,6 +93,9 @@ class LiveHub:
     async def run(self) -> None:
         while not self._closed:
             await self._next_wake()
+            if self._stopping():  # draining: end every stream so the server can stop
+                self.close()
+                return
             if not self._topics:
                 continue
             await asyncio.sleep(self._debounce_s)  # one read for a burst of writes

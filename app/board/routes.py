@@ -160,7 +160,11 @@ def build_board(
         board.source = ConvexSource(settings.convex_url, settings.board_secret, clock=clock)
     if enabled and board.source is not None:
         source = board.source
-        board.hub = LiveHub(wait_change=source.wait_change, probe=source.probe)
+        board.hub = LiveHub(
+            wait_change=source.wait_change,
+            probe=source.probe,
+            stopping=lambda: manager.draining,
+        )
     return board
 
 

@@ -194,3 +194,21 @@ def test_convex_mode_needs_a_board_secret(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="BOARD_SECRET"):
         create_app(settings, environ={}, resolver=public_resolver, reporter=HeldReporter())
+
+
+async def test_streams_end_when_the_worker_drains() -> None:
+    source = CountingSource()
+    draining = False
+    hub = LiveHub(
+        wait_change=source.wait_change,
+        probe=source.probe,
+        poll_s=0.05,
+        debounce_s=0.01,
+        stopping=lambda: draining,
+    )
+    task = asyncio.create_task(hub.run())
+    queue = hub.subscribe("board:1", source.read, lambda s: {"version": s.version})
+    assert await asyncio.wait_for(queue.get(), 2) == {"version": "1"}
+    draining = True
+    assert await asyncio.wait_for(queue.get(), 2) is None
+    await asyncio.wait_for(task, 2)
