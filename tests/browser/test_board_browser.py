@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from app.board.auth import COOKIE_NAME, Sessions
 from app.clock import FakeClock
+from tests.browser.conftest import CHROMIUM, PASSWORD, log_in, logged_in, row
 from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.jobs import (
     SOURCE,
@@ -31,26 +31,13 @@ from tests.support.jobs import (
 )
 from tests.support.worker import REPO_ROOT, WorkerProcess, base_env
 
-CHROMIUM = Path("/usr/bin/chromium")
-PASSWORD = "board-password-for-tests"
 SESSION_SECRET = "session-secret-for-browser-tests"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.timeout(180),
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
@@ -80,56 +67,12 @@ def worker(
     w.stop(timeout_s=30)
 
 
-@pytest.fixture(scope="module")
-def browser_context() -> Iterator[Any]:
-    user_data = tempfile.mkdtemp(prefix="board-chromium-")
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            user_data,
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900},
-        )
-        context.set_default_timeout(15_000)
-        try:
-            yield context
-        finally:
-            context.close()
-            shutil.rmtree(user_data, ignore_errors=True)
-
-
-@pytest.fixture
-def page(browser_context: Any) -> Iterator[Any]:
-    p = browser_context.new_page()
-    yield p
-    p.close()
-
-
-def log_in(page: Any, worker: WorkerProcess, password: str = PASSWORD) -> None:
-    page.context.clear_cookies()
-    page.goto(f"{worker.url}/board")
-    assert "/board/login" in page.url
-    page.fill("input[name=password]", password)
-    page.click("button[type=submit]")
-
-
-def logged_in(page: Any, worker: WorkerProcess) -> None:
-    log_in(page, worker)
-    page.wait_for_url(f"{worker.url}/board")
-    page.wait_for_selector("#live.on")  # the live stream is open
-
-
-def row(section: str, job_id: str) -> str:
-    return f"#board-{section} tr[data-job='{job_id}']"
-
-
 def job_status(worker: WorkerProcess, job_id: str) -> dict[str, Any]:
     return dict(httpx.get(f"{worker.url}/v1/jobs/{job_id}", timeout=5).json())
 
 
 def test_wrong_password_is_refused(page: Any, worker: WorkerProcess) -> None:
-    log_in(page, worker, "not the password")
+    log_in(page, worker.url, "not the password")
     page.wait_for_selector("p.error")
     assert page.inner_text("p.error") == "Wrong password."
     assert "/board/login" in page.url
@@ -139,7 +82,7 @@ def test_wrong_password_is_refused(page: Any, worker: WorkerProcess) -> None:
 def test_step_advances_without_reload(
     page: Any, worker: WorkerProcess, git_server: GitHttpServer
 ) -> None:
-    logged_in(page, worker)
+    logged_in(page, worker.url)
     page.evaluate("window.__sameDocument = true")
     submit(worker, "live-1", git_server.url_for("slow.git"))
     step = f"{row('running', 'live-1')} td.step"
@@ -159,7 +102,7 @@ def test_step_advances_without_reload(
 def test_failed_job_shows_code_and_message_then_retry_makes_attempt_2(
     page: Any, worker: WorkerProcess, git_server: GitHttpServer
 ) -> None:
-    logged_in(page, worker)
+    logged_in(page, worker.url)
     submit(worker, "fail-1", git_server.url_for("fail.git"))
     failed = f"{row('recent', 'fail-1')}[data-status='failed']"
     page.wait_for_selector(failed, timeout=30_000)
@@ -177,7 +120,7 @@ def test_failed_job_shows_code_and_message_then_retry_makes_attempt_2(
 def test_cancel_running_job_stops_its_cli(
     page: Any, worker: WorkerProcess, git_server: GitHttpServer
 ) -> None:
-    logged_in(page, worker)
+    logged_in(page, worker.url)
     submit(worker, "hang-1", git_server.url_for("hang.git"))
     wait_for(lambda: spawned_child(worker, "hang-1") is not None, 20)
     child = spawned_child(worker, "hang-1")
@@ -200,7 +143,7 @@ def _set_session(page: Any, worker: WorkerProcess, value: str) -> None:
 
 
 def test_forged_or_expired_cookie_is_refused(page: Any, worker: WorkerProcess) -> None:
-    logged_in(page, worker)
+    logged_in(page, worker.url)
     genuine = next(c for c in page.context.cookies() if c["name"] == COOKIE_NAME)
     assert genuine["httpOnly"] and genuine["sameSite"] == "Lax" and genuine["expires"] > 0
     assert page.evaluate("document.cookie") == ""  # HttpOnly: invisible to scripts
@@ -221,7 +164,7 @@ def test_action_without_valid_csrf_changes_nothing(
 ) -> None:
     submit(worker, "fail-2", git_server.url_for("fail.git"))
     worker.wait_status("fail-2", {"failed"})
-    logged_in(page, worker)
+    logged_in(page, worker.url)
     failed = f"{row('recent', 'fail-2')}[data-status='failed']"
     page.wait_for_selector(failed)
     # Forge the token, and submit at once (before the page script could refill it).
@@ -251,7 +194,7 @@ def test_screenshot_of_the_board(
     for job_id in ("course-a", "course-b"):  # both slots busy: retries stay pending
         submit(worker, job_id, git_server.url_for("hang.git"))
     wait_for(lambda: spawned_child(worker, "course-b") is not None, 20)
-    logged_in(page, worker)
+    logged_in(page, worker.url)
     page.click(f"{row('recent', 'course-fails')} button.btn-retry")
     page.wait_for_selector(row("pending", "course-fails"))
     page.fill(f"{row('pending', 'course-fails')} input[name=priority]", "5")

@@ -3,9 +3,13 @@ as an `httpx.MockTransport`: `POST /api/query|mutation {"path", "args", "format"
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -21,6 +25,7 @@ class FakeBoardConvex:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     version: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, job_id: str, status: str, **fields: Any) -> dict[str, Any]:
         row = {
@@ -49,18 +54,24 @@ class FakeBoardConvex:
         return httpx.MockTransport(self._handle)
 
     def _handle(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
+        status, answer = self.answer(json.loads(request.content))
+        return httpx.Response(status, json=answer)
+
+    def answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON answer) for one `/api/query|mutation` body."""
+        with self.lock:
+            return self._answer(body)
+
+    def _answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         path, args = body["path"], dict(body["args"])
         self.calls.append((path, dict(args)))
         if not hmac.compare_digest(str(args.pop("boardSecret", "")), self.secret):
-            return httpx.Response(
-                560,
-                json={
-                    "status": "error",
-                    "errorMessage": "forbidden",
-                    "errorData": {"code": "forbidden"},
-                },
-            )
+            error = {
+                "status": "error",
+                "errorMessage": "forbidden",
+                "errorData": {"code": "forbidden"},
+            }
+            return 560, error
         handler = {
             "fondation:boardSnapshot": self._snapshot,
             "fondation:boardJob": self._job,
@@ -69,8 +80,36 @@ class FakeBoardConvex:
             "fondation:setPriority": self._set_priority,
         }.get(path)
         if handler is None:
-            return httpx.Response(404, json={"code": "NotFound"})
-        return httpx.Response(200, json={"status": "success", "value": handler(**args)})
+            return 404, {"code": "NotFound"}
+        return 200, {"status": "success", "value": handler(**args)}
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[str]:
+        """Serve the fake over HTTP on 127.0.0.1 (for a real worker process); yields its URL."""
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("content-length", "0")))
+                status, answer = fake.answer(json.loads(raw))
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            server.server_close()
 
     def _snapshot(self, page: float, pageSize: float) -> dict[str, Any]:
         rows = list(self.jobs.values())
