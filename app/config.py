@@ -34,7 +34,8 @@ DEFAULT_CLI_ENV = (
     "CLAUDE_CODE_USE_BEDROCK",
     "CLAUDE_CODE_USE_VERTEX",
 )
-DENIED_ENV_PREFIXES = ("SCW_", "WEBHOOK_", "CONVEX_", "COCKPIT_", "OTEL_EXPORTER_")
+DENIED_ENV_PREFIXES = ("SCW_", "WEBHOOK_", "CONVEX_", "COCKPIT_", "OTEL_EXPORTER_", "BOARD_")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 T = TypeVar("T")
 
@@ -76,6 +77,19 @@ class Settings:
     cockpit_token: str | None = field(default=None, repr=False)
     metrics_push_interval_s: float = 60.0
     lease_s: float = 60.0
+    # The operator board (app/board): off unless a password (plain or hashed) is set.
+    board_password: str | None = field(default=None, repr=False)
+    board_password_hash: str | None = field(default=None, repr=False)
+    board_session_secret: str | None = field(default=None, repr=False)
+    board_session_ttl_s: int = 8 * 3600
+    board_api_token: str | None = field(default=None, repr=False)
+    board_secret: str | None = field(default=None, repr=False)  # shared with Convex
+    board_secure_cookie: bool | None = None  # None: Secure unless on loopback
+
+    @property
+    def on_loopback(self) -> bool:
+        """True when the worker listens on loopback only (local development)."""
+        return self.host.lower().strip("[]") in LOOPBACK_HOSTS
 
     @property
     def embedded(self) -> bool:
@@ -88,7 +102,14 @@ class Settings:
 
     def secret_values(self) -> tuple[str, ...]:
         """Every secret the worker holds, for redaction checks."""
-        return (*self.webhook_secrets, *((self.cockpit_token,) if self.cockpit_token else ()))
+        optional = (
+            self.cockpit_token,
+            self.board_password,
+            self.board_session_secret,
+            self.board_api_token,
+            self.board_secret,
+        )
+        return (*self.webhook_secrets, *(value for value in optional if value))
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -177,6 +198,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         cockpit_token=_get(env, "COCKPIT_TOKEN", None, str),
         metrics_push_interval_s=_get(env, "METRICS_PUSH_INTERVAL_S", 60.0, _positive(float)),
         lease_s=_get(env, "LEASE_S", 60.0, _positive(float)),
+        board_password=_get(env, "BOARD_PASSWORD", None, str),
+        board_password_hash=_get(env, "BOARD_PASSWORD_HASH", None, str),
+        board_session_secret=_get(env, "BOARD_SESSION_SECRET", None, str),
+        board_session_ttl_s=_get(env, "BOARD_SESSION_TTL_S", 8 * 3600, _positive(int)),
+        board_api_token=_get(env, "BOARD_API_TOKEN", None, str),
+        board_secret=_get(env, "BOARD_SECRET", None, str),
+        board_secure_cookie=_get(env, "BOARD_SECURE_COOKIE", None, _bool),
     )
     if (settings.cockpit_metrics_url is None) != (settings.cockpit_token is None):
         raise ConfigError("COCKPIT_METRICS_URL", "set together with COCKPIT_TOKEN, or neither")
