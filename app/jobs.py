@@ -31,16 +31,6 @@ from app.urlpolicy import Resolver, UrlPolicy
 
 log = logging.getLogger("fondation.jobs")
 
-# Retry policy per failure code: whether Convex should try another attempt.
-RETRYABLE = {
-    FailureCode.CLONE_FAILED: False,
-    FailureCode.CLI_FAILED: True,  # the CLI calls a remote model; transient errors are common
-    FailureCode.TIMEOUT: False,
-    FailureCode.CANCELED: False,
-    FailureCode.INTERRUPTED: True,
-    FailureCode.OUTPUT_INVALID: False,
-    FailureCode.INTERNAL: True,
-}
 MAX_PENDING_PROGRESS = 64
 
 
@@ -144,6 +134,12 @@ class RunnerDeps:
     resolver: Resolver
     redactor: Redactor
     policy: UrlPolicy
+
+    @property
+    def final_report_s(self) -> float:
+        """How long the final `complete`/`fail` may still take once its attempt is cancelled
+        (shutdown past its grace): the report is shielded, under this deadline of its own."""
+        return max(0.2, min(5.0, self.settings.shutdown_grace_s / 4))
 
     @property
     def term_grace_s(self) -> float:
@@ -270,17 +266,25 @@ class JobManager:
         return True
 
     async def drain(self, grace_s: float) -> None:
-        """Stop taking jobs, stop every CLI and report them interrupted, within `grace_s`."""
+        """Stop taking jobs, stop every CLI and report them interrupted, within `grace_s`.
+
+        The last `final_report_s` of the grace belong to the final reports: attempts still
+        busy when the rest has passed are cancelled, and each then sends its report (shielded,
+        under that deadline) before its task ends."""
         self._draining = True
         self._metrics.draining.set(1)
         for run in list(self._running.values()):
             run.request_stop(StopReason.SHUTDOWN)
+        report_s = min(self.deps.final_report_s, grace_s / 2)
         try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
+            await asyncio.wait_for(self._idle.wait(), grace_s - report_s)
         except TimeoutError:
             log.error("jobs still running after the grace period; cancelling them")
             tasks = [r.task for r in self._running.values() if r.task is not None]
             for task in tasks:
+                task.cancel()
+            _, late = await asyncio.wait(tasks, timeout=report_s + 0.1) if tasks else ((), ())
+            for task in late:  # a report past its own deadline: give up on it
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -401,39 +405,85 @@ class _Pipeline:
             await task
 
     async def execute(self) -> Failure | None:
-        """Run the attempt and report its end; returns None on success or the failure."""
+        """Run the attempt and report its end; returns None on success or the failure.
+
+        Cancelled mid-step (shutdown past its grace), the attempt still reports `interrupted`
+        before the cancellation goes on; a cancel that lands during the final report does not
+        drop it (see `_report`)."""
         ticker = asyncio.create_task(self._ticker())
         failure: Failure | None = None
         docs: list[Doc] | None = None
+        cancelled = False
         try:
             docs = await self._steps()
         except JobFailure as exc:
-            code = FailureCode(exc.code)
-            failure = Failure(code, self.d.redactor.scrub(exc.message)[:2000], RETRYABLE[code])
+            failure = self._failure(exc)
+        except asyncio.CancelledError:
+            cancelled = True
+            self.run.request_stop(StopReason.SHUTDOWN)
         finally:
             ticker.cancel()
-        flush_s = min(5.0, self.d.settings.shutdown_grace_s / 4)
+        flush_s = 0.0 if cancelled else min(5.0, self.d.settings.shutdown_grace_s / 4)
         if self.run.reason is not None:
             # A requested stop decides the outcome, whatever the interrupted step raised.
             failure = self._stop_failure()
             if self.run.reason is StopReason.SUPERSEDED:
-                await self.sender.close(1.0)
-                return failure  # another attempt owns the job: report nothing more
-        await self.sender.close(flush_s)
-        if failure is None and docs is not None:
+                flush_s = min(flush_s, 1.0)
+        try:
+            await self.sender.close(flush_s)
+        except asyncio.CancelledError:
+            cancelled = True
+        if self.run.reason is StopReason.SUPERSEDED:
+            pass  # another attempt owns the job: report nothing more
+        elif failure is None and docs is not None:
             duration_ms = int((self._now() - self.started) * 1000)
-            await self.d.reporter.complete(self.spec, len(docs), duration_ms)
+            await self._report(
+                self.d.reporter.complete(self.spec, len(docs), duration_ms), cancelled
+            )
             log.info(
                 "job completed", extra={**self.ctx, "docs": len(docs), "duration_ms": duration_ms}
             )
-            return None
-        if failure is None:  # pragma: no cover - _steps returns docs or raises or stops
-            failure = Failure(FailureCode.INTERNAL, "the job ended without a result", True)
-        log.warning(
-            "job failed", extra={**self.ctx, "code": str(failure.code), "error": failure.message}
-        )
-        await self.d.reporter.fail(self.spec, failure)
+        else:
+            if failure is None:  # pragma: no cover - _steps returns docs or raises or stops
+                failure = Failure(FailureCode.INTERNAL, "the job ended without a result", True)
+            log.warning(
+                "job failed",
+                extra={**self.ctx, "code": str(failure.code), "error": failure.message},
+            )
+            await self._report(self.d.reporter.fail(self.spec, failure), cancelled)
+        if cancelled:
+            raise asyncio.CancelledError
         return failure
+
+    def _failure(self, exc: JobFailure) -> Failure:
+        """The one place a step's failure becomes the reported one: the step that failed
+        knows whether another attempt may succeed (`JobFailure.retryable`)."""
+        message = self.d.redactor.scrub(exc.message)[:2000]
+        return Failure(FailureCode(exc.code), message, exc.retryable)
+
+    async def _report(self, call: Awaitable[None], cancelled: bool) -> None:
+        """Send the final report shielded from cancellation. Once the attempt is cancelled
+        (before or during the report) the report gets `final_report_s` more, then it is
+        given up; the cancellation then goes on (the caller re-raises it)."""
+        task = asyncio.ensure_future(call)
+        if not cancelled:
+            try:
+                await asyncio.shield(task)
+                return
+            except asyncio.CancelledError:
+                pass
+        try:
+            await asyncio.wait({task}, timeout=self.d.final_report_s)
+        finally:
+            if not task.done():
+                log.error("final report given up at its deadline", extra=self.ctx)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("final report failed", extra={**self.ctx, "error": str(task.exception())})
+        if not cancelled:
+            raise asyncio.CancelledError
 
     def _stop_failure(self) -> Failure:
         reason = self.run.reason
@@ -511,11 +561,14 @@ class _Pipeline:
         if result.timed_out:
             raise JobFailure(
                 FailureCode.TIMEOUT, f"the CLI ran longer than JOB_TIMEOUT_S={s.job_timeout_s:g}"
-            )
+            )  # not retryable: the next attempt would run as long
         if result.exit_code != 0:
             tail = "\n".join(result.failure_tail[-15:])
+            # The CLI calls a remote model: transient errors are common, another attempt may pass.
             raise JobFailure(
-                FailureCode.CLI_FAILED, f"the CLI exited with code {result.exit_code}\n{tail}"
+                FailureCode.CLI_FAILED,
+                f"the CLI exited with code {result.exit_code}\n{tail}",
+                retryable=True,
             )
 
         # Collect and upload the course.
