@@ -72,8 +72,11 @@ def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlakyGitSer
     root = tmp_path_factory.mktemp("repos")
     make_repo(root / "flaky.git", SOURCE)
     make_repo(root / "happy.git", SOURCE)
-    with FlakyGitServer(root, failures=1) as server:
+    server = FlakyGitServer(root, failures=1).start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 def start_worker(tmp: Path, port: int, convex_url: str, **extra: Any) -> WorkerProcess:

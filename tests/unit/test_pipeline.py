@@ -73,7 +73,7 @@ def make_attempt(tmp_path: Path, **env: str) -> Attempt:
 
 def observed(attempt: Attempt, label: str) -> float:
     metric = attempt.deps.metrics.step_duration_s.labels(step=label)
-    return float(metric._sum.get())  # type: ignore[attr-defined]
+    return float(metric._sum.get())
 
 
 # ── outcome ──────────────────────────────────────────────────────────────────────────
