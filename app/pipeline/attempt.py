@@ -99,7 +99,13 @@ class Attempt:
     """The context the phases of one attempt share."""
 
     def __init__(
-        self, deps: RunnerDeps, run: RunState, workspace: Workspace, clone_token: str | None
+        self,
+        deps: RunnerDeps,
+        run: RunState,
+        workspace: Workspace,
+        clone_token: str | None,
+        *,
+        budget_s: float = float("inf"),
     ) -> None:
         self.deps = deps
         self.run = run
@@ -111,6 +117,9 @@ class Attempt:
         self.sender = ProgressSender(deps.reporter, self.spec, self.superseded, deps.metrics)
         self.ctx: dict[str, object] = {"job_id": self.spec.job_id, "attempt": self.spec.attempt}
         self.started = deps.clock.monotonic()
+        # Past this, no phase may still be running: heartbeats stop, so the lease runs out
+        # and Convex takes the job back even if something here is wedged.
+        self.deadline = self.started + budget_s
 
     def now(self) -> float:
         return self.deps.clock.monotonic()
@@ -126,10 +135,15 @@ class Attempt:
         log.info(message, extra={**self.ctx, "status": str(status)})
 
     async def tick(self) -> None:
-        """Heartbeats while the attempt runs (cancelled by the runner)."""
+        """Heartbeats while the attempt runs (cancelled by the runner), never past its
+        deadline."""
         interval = min(1.0, self.tracker.min_interval_s)
         while True:
             await asyncio.sleep(interval)
-            update = self.tracker.tick(self.now())
+            now = self.now()
+            if now > self.deadline:
+                log.error("attempt past its deadline; heartbeats stop", extra=self.ctx)
+                return
+            update = self.tracker.tick(now)
             if update is not None:
                 self.sender.push(update)

@@ -1,5 +1,7 @@
-"""Phase `collect`: read the CLI's output directory into docs (rules in `app.collect`).
-Reads `workspace/out`, which the CLI wrote and nobody trusts."""
+"""Phase `collect`: list, check and order the CLI's output (rules in `app.collect`) without
+reading it; the upload reads each doc as it sends it. Reads `workspace/out`, which the CLI
+wrote and nobody trusts: special files, hard links, paths leaving the directory and too
+many or too large files fail the job (`output_invalid`, not retryable)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.collect import collect_docs
-from app.domain import Doc, JobStatus
+from app.collect import PlannedDoc, plan_docs
+from app.domain import JobStatus
 from app.pipeline.attempt import Attempt
 
 STATUS = JobStatus.GATHERING
 MESSAGE = "collecting the generated docs"
+TIMEOUT_S = 60.0  # listing and checking metadata; a slow or hostile filesystem ends here
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +25,10 @@ class CollectInput:
 
 @dataclass(frozen=True, slots=True)
 class Collected:
-    docs: tuple[Doc, ...]
+    plan: tuple[PlannedDoc, ...]
 
 
 async def collect(attempt: Attempt, inp: CollectInput) -> Collected:
     max_doc_bytes = attempt.deps.settings.max_doc_bytes
-    docs = await asyncio.to_thread(collect_docs, inp.out_dir, max_doc_bytes=max_doc_bytes)
-    return Collected(tuple(docs))
+    plan = await asyncio.to_thread(plan_docs, inp.out_dir, max_doc_bytes=max_doc_bytes)
+    return Collected(plan)

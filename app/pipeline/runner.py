@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from app.domain import Failure, JobStatus
+from app.domain import Failure, FailureCode, JobStatus
 from app.errors import JobFailure
 from app.pipeline import clone, collect, run_cli, upload
 from app.pipeline.attempt import Attempt, RunnerDeps, RunState, StopReason, Workspace
@@ -36,15 +36,32 @@ class Phase(Generic[In, Out]):
     status: JobStatus | None  # announced when the phase starts (None: keep the current one)
     message: str
     run: Callable[[Attempt, In], Awaitable[Out]]
-    stops_itself: bool = False  # honours the stop request on its own (TERM, grace, KILL)
+    # Raced against the stop request and bounded by `timeout_s` here; False for a phase that
+    # does both itself (the CLI: JOB_TIMEOUT_S, then TERM, grace, KILL; a clone: its timeout).
+    raced: bool = True
+    timeout_s: float | None = None
+    timeout_retryable: bool = False  # whether another attempt may pass where this timed out
 
 
 CLONE = Phase("clone", "clone", clone.STATUS, clone.MESSAGE, clone.clone)
-RUN_CLI = Phase(
-    "run_cli", "cli", run_cli.STATUS, run_cli.MESSAGE, run_cli.run_cli, stops_itself=True
+RUN_CLI = Phase("run_cli", "cli", run_cli.STATUS, run_cli.MESSAGE, run_cli.run_cli, raced=False)
+COLLECT = Phase(
+    "collect",
+    "gather",
+    collect.STATUS,
+    collect.MESSAGE,
+    collect.collect,
+    timeout_s=collect.TIMEOUT_S,
 )
-COLLECT = Phase("collect", "gather", collect.STATUS, collect.MESSAGE, collect.collect)
-UPLOAD = Phase("upload", "upload", None, "uploading the docs", upload.upload)
+UPLOAD = Phase(
+    "upload",
+    "upload",
+    None,
+    "uploading the docs",
+    upload.upload,
+    timeout_s=upload.TIMEOUT_S,
+    timeout_retryable=True,
+)
 
 
 class Stopped(Exception):
@@ -59,10 +76,16 @@ async def run_phase(attempt: Attempt, phase: Phase[In, Out], inp: In) -> Out:
         attempt.enter(phase.status, phase.message)
     t0 = attempt.now()
     try:
-        if phase.stops_itself:
-            out = await phase.run(attempt, inp)
+        if phase.raced:
+            out = await _until_stopped(attempt.run.stop, phase.run(attempt, inp), phase.timeout_s)
         else:
-            out = await _until_stopped(attempt.run.stop, phase.run(attempt, inp))
+            out = await phase.run(attempt, inp)
+    except _TimedOut:
+        raise JobFailure(
+            FailureCode.TIMEOUT,
+            f"{phase.name} took longer than {phase.timeout_s:g} s",
+            retryable=phase.timeout_retryable,
+        ) from None
     finally:
         duration_s = attempt.now() - t0
         attempt.deps.metrics.step_duration_s.labels(step=phase.metric).observe(duration_s)
@@ -75,22 +98,30 @@ async def run_phase(attempt: Attempt, phase: Phase[In, Out], inp: In) -> Out:
     return out
 
 
-async def _until_stopped(stop: asyncio.Event, work: Awaitable[Out]) -> Out:
-    """Await `work` unless `stop` is set first; then the work is cancelled (each phase
-    cleans up on cancel: git kills its processes, a thread is left to finish) and `Stopped`
-    is raised."""
+class _TimedOut(Exception):
+    pass
+
+
+async def _until_stopped(stop: asyncio.Event, work: Awaitable[Out], timeout_s: float | None) -> Out:
+    """Await `work` unless `stop` is set first (`Stopped`) or `timeout_s` passes
+    (`_TimedOut`); the work is then cancelled (each phase cleans up on cancel: git kills its
+    processes; a thread is left to finish, its files are checked so it cannot block)."""
     task = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
+    timed_out = False
     try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        timed_out = not task.done() and not stop.is_set()
     finally:
         stopper.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            if not stop.is_set():  # we were cancelled ourselves
+            if not stop.is_set() and not timed_out:  # we were cancelled ourselves
                 raise asyncio.CancelledError
+    if timed_out:
+        raise _TimedOut
     if task.cancelled():
         raise Stopped
     return task.result()
@@ -110,6 +141,13 @@ async def run_phases(attempt: Attempt) -> upload.Uploaded:
     return await run_phase(attempt, UPLOAD, collected)
 
 
+def attempt_budget_s(deps: RunnerDeps) -> float:
+    """The longest an attempt may run: every phase's own bound, plus the CLI's kill grace."""
+    s = deps.settings
+    after_cli = sum(p.timeout_s or 0.0 for p in (COLLECT, UPLOAD))
+    return s.clone_timeout_s + s.job_timeout_s + deps.term_grace_s + after_cli + 10.0
+
+
 async def run_attempt(
     deps: RunnerDeps, run: RunState, workspace: Workspace, clone_token: str | None
 ) -> Failure | None:
@@ -117,7 +155,7 @@ async def run_attempt(
 
     Cancelled (shutdown past its grace), the attempt still reports `interrupted` before the
     cancellation goes on; a cancel that lands during the final report does not drop it."""
-    attempt = Attempt(deps, run, workspace, clone_token)
+    attempt = Attempt(deps, run, workspace, clone_token, budget_s=attempt_budget_s(deps))
     ticker = asyncio.create_task(attempt.tick())
     uploaded: upload.Uploaded | None = None
     error: JobFailure | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from app.domain import (
     Failure,
     FailureCode,
     JobSpec,
+    JobStatus,
     Progress,
     Repository,
 )
@@ -26,9 +28,10 @@ from app.errors import JobFailure
 from app.logs import Redactor
 from app.metrics import create_metrics
 from app.pipeline.attempt import Attempt, RunnerDeps, RunState, StopReason, Workspace
+from app.pipeline.collect import CollectInput
 from app.pipeline.outcome import decide_outcome
 from app.pipeline.reporting import send_final
-from app.pipeline.runner import Phase, Stopped, run_phase
+from app.pipeline.runner import COLLECT, UPLOAD, Phase, Stopped, run_phase
 from app.urlpolicy import UrlPolicy
 from tests.support.fakes import public_resolver
 
@@ -45,7 +48,10 @@ class Recorder:
         return CallbackAck()
 
     async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
-        self.calls.append(("put_docs", len(docs)))
+        # What a batch looked like, not the docs themselves (memory is measured).
+        size = sum(len(d.content.encode()) for d in docs)
+        leaked = any("s3cret-value" in d.content or "s3cret-value" in d.title for d in docs)
+        self.calls.append(("put_docs", (len(docs), size, leaked)))
         return CallbackAck()
 
     async def complete(self, spec: JobSpec, docs_count: int, duration_ms: int) -> None:
@@ -55,7 +61,7 @@ class Recorder:
         self.calls.append(("fail", failure))
 
 
-def make_attempt(tmp_path: Path, **env: str) -> Attempt:
+def make_attempt(tmp_path: Path, budget_s: float = float("inf"), **env: str) -> Attempt:
     settings = load_settings({"DATA_DIR": str(tmp_path), "WORK_DIR": str(tmp_path), **env})
     deps = RunnerDeps(
         settings=settings,
@@ -68,7 +74,7 @@ def make_attempt(tmp_path: Path, **env: str) -> Attempt:
         policy=UrlPolicy(allowed_hosts=("example.com",)),
     )
     spec = JobSpec("j1", 1, "tok", Repository("https://example.com/r.git", None))
-    return Attempt(deps, RunState(spec), Workspace(tmp_path / "ws"), None)
+    return Attempt(deps, RunState(spec), Workspace(tmp_path / "ws"), None, budget_s=budget_s)
 
 
 def observed(attempt: Attempt, label: str) -> float:
@@ -186,3 +192,67 @@ async def test_a_final_report_past_its_deadline_is_given_up() -> None:
     t0 = loop.time()
     assert await send_final(stuck_report(), cancelled=True, deadline_s=0.2, ctx={})
     assert gave_up.is_set() and loop.time() - t0 < 2.0
+
+
+# ── collect and upload (issue 11) ────────────────────────────────────────────────────
+
+
+async def test_upload_sends_redacted_docs_in_bounded_batches_as_read(tmp_path: Path) -> None:
+    """40 chapters of 400 KB: docs go out in batches of at most 4 MiB as they are read (the
+    whole course is never held), and a secret the CLI wrote into a chapter is redacted."""
+    attempt = make_attempt(tmp_path)
+    attempt.workspace.create()
+    out = attempt.workspace.out_dir
+    (out / "chapters").mkdir()
+    n, size = 40, 400_000
+    for i in range(1, n + 1):
+        leak = "token s3cret-value\n" if i == 1 else ""
+        (out / "chapters" / f"chapter_{i}_c.md").write_text(f"# C{i}\n{leak}" + "x" * size)
+    tracemalloc.start()
+    try:
+        collected = await run_phase(attempt, COLLECT, CollectInput(out))
+        uploaded = await run_phase(attempt, UPLOAD, collected)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    await attempt.sender.close(0.0)
+    assert isinstance(attempt.deps.reporter, Recorder)
+    batches = [b for name, b in attempt.deps.reporter.calls if name == "put_docs"]
+    assert uploaded.docs_count == n and sum(b[0] for b in batches) == n
+    assert len(batches) >= 2 and max(b[1] for b in batches) <= 4 * 1024 * 1024, batches
+    assert not any(b[2] for b in batches)
+    total = n * size
+    print(
+        f"[pipeline] upload of {total / 1e6:.1f} MB: {len(batches)} batches, "
+        f"peak traced memory {peak / 1e6:.1f} MB"
+    )
+    assert peak < total * 0.5, (peak, total)
+
+
+async def test_a_phase_after_the_cli_past_its_deadline_fails_with_timeout(tmp_path: Path) -> None:
+    attempt = make_attempt(tmp_path)
+    cancelled = asyncio.Event()
+
+    async def wedged(_: Attempt, __: None) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    phase = Phase("collect", "gather", None, "", wedged, timeout_s=0.2)
+    with pytest.raises(JobFailure) as info:
+        await asyncio.wait_for(run_phase(attempt, phase, None), 5)
+    assert info.value.code == "timeout" and not info.value.retryable
+    assert cancelled.is_set()
+    await attempt.sender.close(0.0)
+
+
+async def test_heartbeats_stop_once_the_attempt_is_past_its_deadline(tmp_path: Path) -> None:
+    attempt = make_attempt(tmp_path, budget_s=0.3, PROGRESS_MIN_INTERVAL_S="0.1", HEARTBEAT_S="0.1")
+    attempt.enter(JobStatus.CLONING, "cloning")
+    await asyncio.wait_for(attempt.tick(), 5)  # returns instead of beating forever
+    await attempt.sender.close(1.0)
+    assert isinstance(attempt.deps.reporter, Recorder)
+    beats = [c for c in attempt.deps.reporter.calls if c[0] == "progress"]
+    assert 1 <= len(beats) <= 5, beats
