@@ -36,8 +36,9 @@ class Phase(Generic[In, Out]):
     status: JobStatus | None  # announced when the phase starts (None: keep the current one)
     message: str
     run: Callable[[Attempt, In], Awaitable[Out]]
-    # Raced against the stop request and bounded by `timeout_s` here; False for a phase that
-    # does both itself (the CLI: JOB_TIMEOUT_S, then TERM, grace, KILL; a clone: its timeout).
+    # Raced against the stop request (and bounded by `timeout_s`, if any) here; False for a
+    # phase that does both itself (the CLI: JOB_TIMEOUT_S, then TERM, grace, KILL). The clone
+    # is raced with no timeout here: git enforces CLONE_TIMEOUT_S itself.
     raced: bool = True
     timeout_s: float | None = None
     timeout_retryable: bool = False  # whether another attempt may pass where this timed out
