@@ -264,3 +264,43 @@ def test_a_vanished_commit_means_a_full_run(
         assert len([d for d in docs if d["kind"] == "chapter"]) == len(FILES) + 1
     finally:
         second.stop()
+
+
+def test_sigkill_in_step_5_keeps_the_chapters_reviewed_before_it(
+    tmp_path: Path, repos: tuple[Path, GitHttpServer]
+) -> None:
+    """SIGKILL: nothing is flushed at the end, so what survives is what was uploaded while
+    step 5 ran (files that settled on heartbeat ticks). Attempt 2 reviews none of those again;
+    only a chapter written within the settle time before the kill may be."""
+    root, server = repos
+    record = tmp_path / "record.jsonl"
+    make(root, "kill", record, chapter_delay_s=1.5)
+    url = server.url_for("kill")
+    first = worker(tmp_path, "first")
+    kept: set[str] = set()
+    try:
+        start(first, "kill", url)
+
+        def a_review_is_kept() -> bool:
+            docs = get(first, "/v1/jobs/kill/docs")["docs"]
+            kept.update(d["path"] for d in docs if d["path"].startswith("reviewed-chapters/"))
+            return bool(kept)
+
+        assert wait_for(a_review_is_kept, 60, interval_s=0.2)
+        first.kill()
+    finally:
+        first.kill()
+    reviewed_before = set(written(runs(record)[0], "review-chapters"))
+    assert kept <= reviewed_before and len(reviewed_before) < 4
+    second = worker(tmp_path, "second")
+    try:
+        start(second, "kill", url, attempt=2)
+        done = second.wait_status("kill", {"completed", "failed"}, timeout_s=60)
+        assert done["status"] == "completed", done
+        resumed = runs(record)[1]
+        assert resumed[0]["steps"] == ["review-chapters", "generate-tutorials"]
+        again = set(written(resumed, "review-chapters"))
+        assert not again & kept
+        assert len(again & reviewed_before) <= 1, again
+    finally:
+        second.stop()
