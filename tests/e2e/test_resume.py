@@ -87,16 +87,23 @@ def get(w: WorkerProcess, path: str) -> dict[str, Any]:
     return result
 
 
-def progress_steps(w: WorkerProcess, job_id: str, attempt: int) -> list[int]:
-    """`currentStep` of every progress report of one attempt, in order (the SSE stream)."""
-    steps: list[int] = []
+def sse_events(w: WorkerProcess, job_id: str) -> list[dict[str, Any]]:
+    """Every event of the job's SSE stream, read to its end (the job is final)."""
+    out: list[dict[str, Any]] = []
     with httpx.stream("GET", f"{w.url}/v1/jobs/{job_id}/events", timeout=30) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
-                ev = json.loads(line[5:])
-                if ev["type"] == "progress" and ev["attempt"] == attempt:
-                    steps.append(ev["currentStep"])
-    return steps
+                out.append(json.loads(line[5:]))
+    return out
+
+
+def progress_steps(w: WorkerProcess, job_id: str, attempt: int) -> list[int]:
+    """`currentStep` of every progress report of one attempt, in order."""
+    return [
+        ev["currentStep"]
+        for ev in sse_events(w, job_id)
+        if ev["type"] == "progress" and ev["attempt"] == attempt
+    ]
 
 
 def uninterrupted(w: WorkerProcess, job_id: str, url: str) -> list[dict[str, Any]]:
@@ -166,6 +173,15 @@ def test_sigterm_in_step_5_resumes_with_the_steps_left(
         assert {e["file"] for e in resumed if e["event"] == "skip"} >= set(reviewed_before)
         steps = progress_steps(second, "term", 2)
         assert steps and min(steps) == 5 and steps == sorted(steps)  # never below step 5
+        # The event stream told of step 1's YAML before attempt 1 reached step 5.
+        evs = sse_events(second, "term")
+        first_yaml = next(
+            i
+            for i, ev in enumerate(evs)
+            if ev["type"] == "docs" and "step1_abstractions.yaml" in ev["paths"]
+        )
+        at_5 = next(i for i, ev in enumerate(evs) if ev.get("currentStep") == 5)
+        assert evs[first_yaml]["partial"] is True and first_yaml < at_5
         final = get(second, "/v1/jobs/term/docs")
         assert final["partial"] is False
         assert final["docs"] == uninterrupted(second, "term-full", url)
