@@ -24,6 +24,7 @@ from app.collect import collect_docs
 from app.config import DEFAULT_CLI_ENV, DENIED_ENV_PREFIXES, Settings
 from app.domain import Doc, Failure, FailureCode, JobSpec, JobStatus, Progress
 from app.errors import CallbackError, JobFailure, UrlPolicyError, WorkerError
+from app.isolation import CliSandbox
 from app.logs import Redactor
 from app.metrics import Metrics
 from app.progress import ProgressTracker
@@ -144,6 +145,7 @@ class RunnerDeps:
     resolver: Resolver
     redactor: Redactor
     policy: UrlPolicy
+    sandbox: CliSandbox = field(default_factory=CliSandbox)
 
     @property
     def term_grace_s(self) -> float:
@@ -221,6 +223,7 @@ class JobManager:
                 allow_insecure=settings.allow_insecure_git,
                 allow_private=settings.allow_private_networks,
             ),
+            sandbox=CliSandbox.from_settings(settings),
         )
         self._running: dict[str, _Running] = {}
         self._draining = False
@@ -459,13 +462,16 @@ class _Pipeline:
         except UrlPolicyError as exc:
             raise JobFailure(FailureCode.CLONE_FAILED, exc.reason) from None
         await self._until_stopped(
-            git.clone(
-                self.spec.repository.url,
-                self.spec.repository.ref,
-                repo_dir,
-                token=self.clone_token,
-                timeout_s=s.clone_timeout_s,
-                max_bytes=s.clone_max_bytes,
+            self.d.sandbox.clone(
+                lambda: git.clone(
+                    self.spec.repository.url,
+                    self.spec.repository.ref,
+                    repo_dir,
+                    token=self.clone_token,
+                    timeout_s=s.clone_timeout_s,
+                    max_bytes=s.clone_max_bytes,
+                ),
+                holds_token=bool(self.clone_token),
             )
         )
         if self.run.stop.is_set():
@@ -483,6 +489,7 @@ class _Pipeline:
             allow=(*DEFAULT_CLI_ENV, *s.cli_env_passthrough),
             deny_prefixes=DENIED_ENV_PREFIXES,
         )
+        env = self.d.sandbox.prepare(self.workspace, repo_dir, out_dir, env)
         step_clock = _StepClock(self.d.metrics, self.ctx, t0)
 
         def on_lines(lines: list[str]) -> None:
@@ -494,16 +501,18 @@ class _Pipeline:
                 step_clock.observe(step, total, update.message, now)
                 self.sender.push(update)
 
-        result = await process.run_cli(
-            argv,
-            env=env,
-            cwd=self.workspace,
-            timeout_s=s.job_timeout_s,
-            term_grace_s=self.d.term_grace_s,
-            on_lines=on_lines,
-            stop=self.run.stop,
-            tail_lines=s.log_tail_lines,
-        )
+        async with self.d.sandbox.cli_slot():
+            result = await process.run_cli(
+                argv,
+                env=env,
+                cwd=self.workspace,
+                timeout_s=s.job_timeout_s,
+                term_grace_s=self.d.term_grace_s,
+                on_lines=on_lines,
+                stop=self.run.stop,
+                tail_lines=s.log_tail_lines,
+                run_as=self.d.sandbox.run_as,
+            )
         step_clock.finish(self._now())
         self.d.metrics.step_duration_s.labels(step="cli").observe(self._now() - t0)
         if result.stopped or self.run.stop.is_set():

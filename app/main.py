@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from app.adapters.proctree import reap_forever
 from app.adapters.sqlite_store import SqliteJobStore
 from app.adapters.store import JobReporter
 from app.clock import Clock, SystemClock
@@ -102,6 +103,7 @@ def create_app(
                     extra={"job_id": job.job_id, "attempt": job.attempt},
                 )
         pruner = asyncio.create_task(_prune_forever(store))
+        reaper = asyncio.create_task(reap_forever())  # orphans reparented to this subreaper
         pusher: asyncio.Task[None] | None = None
         if settings.cockpit_metrics_url and settings.cockpit_token:
             pusher = asyncio.create_task(
@@ -126,6 +128,7 @@ def create_app(
             yield
         finally:
             pruner.cancel()
+            reaper.cancel()
             if not manager.draining or manager.running_count:
                 await manager.drain(settings.shutdown_grace_s)
             if pusher is not None:  # after the drain, so the final job outcomes are pushed
