@@ -209,16 +209,20 @@ def test_logs_and_jobs_share_one_redactor(tmp_path: Path, monkeypatch: pytest.Mo
     added to the job manager's redactor, and a second instance would leave log lines unscrubbed.
     """
     import app.cli
+    import app.isolation
     import app.logs
     import app.main
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(app.logs, "configure_logging", lambda _l, r, _s=None: seen.update(log=r))
     monkeypatch.setattr(app.main, "serve", lambda _s, _e, r=None: seen.update(serve=r))
+    # `serve` hardens the process (non-dumpable, subreaper): not this test runner's.
+    monkeypatch.setattr(app.isolation, "secure_startup", lambda s: seen.update(hardened=s))
     for name, value in base_env(tmp_path, ANTHROPIC_API_KEY=ANTHROPIC_KEY).items():
         monkeypatch.setenv(name, value)
     assert app.cli.main(["serve"]) == 0
     assert seen["log"] is not None and seen["log"] is seen["serve"]
+    assert "hardened" in seen  # before serving
     redactor = app.logs.Redactor()
     asgi = app.main.create_app(
         load_settings(base_env(tmp_path)),
