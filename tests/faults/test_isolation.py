@@ -8,6 +8,7 @@ unprivileged CLI user can execute (the test's own interpreter may sit under /roo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,14 @@ import httpx
 import psutil
 import pytest
 
+from app.clock import SystemClock
+from app.config import load_settings
+from app.domain import ClaimResult, JobSpec, Repository
+from app.jobs import JobManager
+from app.logs import Redactor
+from app.metrics import create_metrics
+from app.urlpolicy import system_resolver
+from tests.support.fakes import HeldReporter
 from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.jobs import SOURCE, sim, submit, wait_for
 from tests.support.signing import cancel_body, headers_for
@@ -302,3 +312,95 @@ def cancel_as(w: WorkerProcess, job_id: str) -> httpx.Response:
         headers=headers_for(body, f"{job_id}:1:cancel", secret=WEBHOOK_SECRET),
         timeout=10,
     )
+
+
+# -- a clone token and another job's CLI (same uid) -----------------------------------------------
+
+SNOOP = r"""
+import json, os, shutil, sys, time
+repo, out, template, log = sys.argv[1:5]
+with open(log, "a") as f:
+    f.write(json.dumps({"event": "cli start", "t": time.monotonic(), "pid": os.getpid()}) + "\n")
+found, deadline = [], time.monotonic() + 2.5
+while time.monotonic() < deadline:  # read every environment this uid can read
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as env:
+                data = env.read()
+        except OSError:
+            continue
+        if b"Authorization" in data:
+            found.append(pid)
+    time.sleep(0.02)
+shutil.copytree(template, out, dirs_exist_ok=True)
+with open(log, "a") as f:
+    f.write(json.dumps({"event": "cli end", "t": time.monotonic(), "found": found}) + "\n")
+"""
+
+SLOW_GIT = """#!/bin/sh
+# git, one second late, holding git's environment (the clone token) meanwhile, like git would.
+printf '{"event": "git", "t": %s, "args": "%s"}\\n' "$(python3 -c 'import time; print(time.monotonic())')" "$1" >> {log}
+sleep 1
+exec git "$@"
+"""
+
+
+@dataclass
+class TokenReporter(HeldReporter):
+    """Claims succeed with a per-job clone token, as Convex's would."""
+
+    async def claim(self, spec: JobSpec) -> ClaimResult:
+        self.calls.append(("claim", spec.key))
+        return ClaimResult(ok=True, clone_token=f"ghs_ISOLATION_{spec.job_id}")
+
+
+@pytest.mark.timeout(90)
+async def test_token_clone_never_runs_while_a_same_uid_cli_runs(
+    arena: Path, git_server: GitHttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job A's CLI reads every /proc/*/environ it can for 2.5 s; job B, started meanwhile,
+    clones with a token through a git that holds it in its environment for a second. B's clone
+    waits until A's CLI has ended; no CLI ever sees an Authorization header."""
+    log = arena / "events.jsonl"
+    (arena / "snoop.py").write_text(SNOOP)
+    slow_git = arena / "slow-git"
+    slow_git.write_text(SLOW_GIT.replace("{log}", str(log)))
+    slow_git.chmod(0o755)
+    monkeypatch.setattr("app.adapters.git._git_program", lambda: str(slow_git))
+    env = base_env(
+        arena,
+        FONDATION_COMMAND=f"{sys.executable} {arena / 'snoop.py'} {{repo_dir}} {{output_dir}}"
+        f" {arena / 'template'} {log}",
+    )
+    reporter = TokenReporter()
+    manager = JobManager(
+        settings=load_settings(env),
+        reporter=reporter,
+        clock=SystemClock(),
+        metrics=create_metrics(),
+        environ=env,
+        resolver=system_resolver,
+        redactor=Redactor(),
+    )
+
+    def events() -> list[dict[str, Any]]:
+        text = log.read_text() if log.exists() else ""
+        return [json.loads(line) for line in text.splitlines()]
+
+    url = git_server.url_for("spy")
+    manager.start(JobSpec("gate-a", 1, "cb-a", Repository(url)))
+    for _ in range(300):
+        if any(e["event"] == "cli start" for e in events()):
+            break
+        await asyncio.sleep(0.05)
+    manager.start(JobSpec("gate-b", 1, "cb-b", Repository(url)))
+    assert await manager.wait_idle(60)
+    seen = events()
+    done = [c for c in reporter.calls if c[0] in ("complete", "fail")]
+    assert [c[0] for c in done] == ["complete", "complete"], reporter.calls
+    ends = [e for e in seen if e["event"] == "cli end"]
+    assert [e["found"] for e in ends] == [[], []], ends  # no CLI saw a token
+    first_end = min(e["t"] for e in ends)
+    first_start = min(e["t"] for e in seen if e["event"] == "cli start")
+    b_clone = [e["t"] for e in seen if e["event"] == "git" and e["t"] > first_start]
+    assert b_clone and min(b_clone) >= first_end, seen  # B's clone waited for A's CLI
