@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,7 @@ def test_setsid_daemon_and_children_end_with_the_job_and_leave_no_zombie(
         submit(w, job_id, git_server.url_for("spy"), secret=WEBHOOK_SECRET)
         report = _wait_report(arena, w)
         assert all(psutil.pid_exists(pid) for pid in report["children"])
+        t0 = time.monotonic()
         if end == "cancel":
             assert cancel_as(w, job_id).status_code == 202
             w.wait_status(job_id, {"canceled"}, timeout_s=30)
@@ -299,6 +301,7 @@ def test_setsid_daemon_and_children_end_with_the_job_and_leave_no_zombie(
             w.signal(signal.SIGTERM)
             assert w.wait(timeout_s=20) == 0
         _assert_job_processes_gone(w, report)
+        print(f"FIGURES isolation {end}: every job process gone {time.monotonic() - t0:.2f} s")
     finally:
         w.stop()
 
