@@ -143,6 +143,8 @@ def test_no_secret_in_logs_answers_metrics_store_or_cli_env(
         # canceled
         assert start("s-cancel", git_server.url_for("hang")).status_code == 202
         w.wait_status("s-cancel", {"analyzing"}, timeout_s=30)
+        # The CLI starts a moment after `analyzing` (under its shim): let it dump its env first.
+        assert wait_for(lambda: len(list(dumps.iterdir())) == 4, 30)
         assert hook(cancel_body("s-cancel"), "s-cancel:1:cancel").status_code == 202
         w.wait_status("s-cancel", {"canceled"}, timeout_s=30)
         # 401: another secret, no signature; the body carries a token of its own
@@ -172,6 +174,7 @@ def test_no_secret_in_logs_answers_metrics_store_or_cli_env(
         # interrupted: a running job when SIGTERM comes
         assert start("s-int", git_server.url_for("hang")).status_code == 202
         w.wait_status("s-int", {"analyzing"}, timeout_s=30)
+        assert wait_for(lambda: len(list(dumps.iterdir())) == 5, 30)
     finally:
         w.stop(timeout_s=30)
     assert_workspace_empty(w)
