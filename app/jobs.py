@@ -489,7 +489,9 @@ class _Pipeline:
             allow=(*DEFAULT_CLI_ENV, *s.cli_env_passthrough),
             deny_prefixes=DENIED_ENV_PREFIXES,
         )
-        env = self.d.sandbox.prepare(self.workspace, repo_dir, out_dir, env)
+        env = await asyncio.to_thread(
+            self.d.sandbox.prepare, self.workspace, repo_dir, out_dir, env
+        )
         step_clock = _StepClock(self.d.metrics, self.ctx, t0)
 
         def on_lines(lines: list[str]) -> None:

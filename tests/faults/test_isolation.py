@@ -43,6 +43,9 @@ from tests.support.signing import cancel_body, headers_for
 from tests.support.worker import REPO_ROOT, WorkerProcess, base_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="starts the worker as another user / switches the CLI's user"
+)
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SECRETS = {
@@ -227,6 +230,7 @@ def _assert_no_secret_in_docs(w: WorkerProcess, job_id: str) -> None:
     assert not [m for m in MARKERS if m in text]
 
 
+@needs_root
 def test_same_uid_cli_cannot_read_worker_environ_or_memory(
     arena: Path, git_server: GitHttpServer
 ) -> None:
@@ -248,6 +252,7 @@ def test_same_uid_cli_cannot_read_worker_environ_or_memory(
         w.stop()
 
 
+@needs_root
 def test_cli_user_reads_checkout_writes_output_and_nothing_of_the_worker(
     arena: Path, git_server: GitHttpServer
 ) -> None:

@@ -202,6 +202,7 @@ def test_settings_read_cli_user_and_the_sandbox_follows_it(tmp_path: Path) -> No
     assert same_uid.run_as is None and same_uid.gate.enabled
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_prepare_gives_the_cli_its_output_and_home_and_a_read_only_checkout(
     tmp_path: Path,
 ) -> None:
