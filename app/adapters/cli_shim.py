@@ -79,9 +79,10 @@ def main(args: list[str]) -> int:
         return 2
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        print("cli_shim: PR_SET_CHILD_SUBREAPER refused", file=sys.stderr)
+    prctl = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), "prctl", None)
+    if prctl is None or prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        # Not Linux, or a sandbox without it: descendants that daemonise may escape the job.
+        print("cli_shim: PR_SET_CHILD_SUBREAPER unavailable", file=sys.stderr)
     try:
         proc = subprocess.Popen(
             argv,

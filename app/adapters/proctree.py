@@ -131,7 +131,7 @@ def _signal(info: ProcInfo, sig: signal.Signals) -> None:
         fd = os.pidfd_open(info.pid)
     except ProcessLookupError:
         return
-    except OSError:  # no pidfd (old kernel, some sandboxes): check, then signal by pid
+    except (OSError, AttributeError):  # no pidfd (not Linux, old kernel, some sandboxes)
         now = read_proc(info.pid)
         if now is not None and now.start_ticks == info.start_ticks:
             with contextlib.suppress(ProcessLookupError, PermissionError):
