@@ -94,19 +94,21 @@ def home_write():
 attempt("home", home_write)
 
 # Children: one in the CLI's group, and a daemon in a session of its own with cwd /.
-kid = subprocess.Popen(["sleep", "300"])
-r, w = os.pipe()
-middle = os.fork()
-if middle == 0:
-    os.setsid()
-    os.chdir("/")
-    daemon = os.fork()
-    if daemon == 0:
-        os.execvp("sleep", ["sleep", "301"])
-    os.write(w, str(daemon).encode())
-    os._exit(0)
-os.waitpid(middle, 0)
-report["children"] = [kid.pid, int(os.read(r, 32))]
+kid = subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+report["children"] = [kid.pid]
+if mode != "kids":
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        os.chdir("/")
+        daemon = os.fork()
+        if daemon == 0:
+            os.execvp("sleep", ["sleep", "301"])
+        os.write(w, str(daemon).encode())
+        os._exit(0)
+    os.waitpid(middle, 0)
+    report["children"].append(int(os.read(r, 32)))
 
 shutil.copytree(template, out, dirs_exist_ok=True)
 for folder in ("chapters", "reviewed-chapters"):  # smuggle what was read into a chapter
@@ -162,7 +164,12 @@ def arena() -> Iterator[Path]:
 
 
 def _worker(
-    arena: Path, mode: str, *, as_nobody: bool = False, **overrides: Any
+    arena: Path,
+    mode: str,
+    *,
+    as_nobody: bool = False,
+    python: str = sys.executable,
+    **overrides: Any,
 ) -> tuple[WorkerProcess, dict[str, str]]:
     data = arena / "data"
     command = (
@@ -182,7 +189,7 @@ def _worker(
         **overrides,
     )
     if not as_nobody:
-        return WorkerProcess(env, arena / "worker.log").start(), env
+        return WorkerProcess(env, arena / "worker.log", python=python).start(), env
     # An unprivileged worker: the system Python (ours may sit under /root) with this
     # environment's packages, its data directory its own.
     nobody = pwd.getpwnam("nobody")
@@ -412,3 +419,51 @@ async def test_token_clone_never_runs_while_a_same_uid_cli_runs(
     first_start = min(e["t"] for e in seen if e["event"] == "cli start")
     b_clone = [e["t"] for e in seen if e["event"] == "git" and e["t"] > first_start]
     assert b_clone and min(b_clone) >= first_end, seen  # B's clone waited for A's CLI
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_worker_as_pid_1_leaves_no_zombie_after_a_cli_with_children(
+    arena: Path, git_server: GitHttpServer
+) -> None:
+    """Issue 13: in a container the worker may be PID 1, the reaper of last resort. The CLI
+    leaves a child in its group and exits; killing the group used to leave that child a zombie
+    of PID 1 for good. Here the worker is PID 1 of its own PID namespace."""
+    pid1 = arena / "pid1-python"
+    pid1.write_text(
+        f'#!/bin/sh\nexec unshare --pid --fork --mount-proc --kill-child {sys.executable} "$@"\n'
+    )
+    pid1.chmod(0o755)
+    w, _ = _worker(arena, "kids", python=str(pid1))
+    assert w.proc is not None
+    worker = psutil.Process(w.proc.pid).children()[0]  # the worker, PID 1 inside
+    try:
+        submit(w, "iso-pid1", git_server.url_for("spy"), secret=WEBHOOK_SECRET)
+        done = w.wait_status("iso-pid1", {"completed", "failed"}, timeout_s=60)
+        assert done["status"] == "completed", done
+
+        def zombies() -> list[int]:
+            kids = worker.children()
+            return [c.pid for c in kids if c.status() == psutil.STATUS_ZOMBIE]
+
+        assert wait_for(lambda: not zombies(), 3.0), zombies()
+        assert all(_gone(pid) for pid in _report_pids(arena))
+    finally:
+        worker.terminate()
+        w.wait(timeout_s=20)
+
+
+def _report_pids(arena: Path) -> list[int]:
+    """The spy's children as the host sees them (the spy printed namespace pids)."""
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] == ["sleep", "300"] and str(arena) in _cwd(p)
+    ]
+
+
+def _cwd(p: psutil.Process) -> str:
+    try:
+        return p.cwd()
+    except psutil.Error:
+        return ""
