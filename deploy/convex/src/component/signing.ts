@@ -96,3 +96,12 @@ export function randomToken(): string {
   crypto.getRandomValues(bytes);
   return bytesToBase64(bytes).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
+
+/**
+ * SHA-256 of a callback token, hex. Only this is stored: a reader of the component's tables
+ * (dashboard, backup, a bug in a query) learns no token it could call back with.
+ */
+export async function hashToken(token: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", encoder.encode(token));
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
