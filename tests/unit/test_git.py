@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.adapters.git import clone, remove_tree, scrub
+from app.adapters.git import _git_env, clone, remove_tree, scrub
 from app.errors import JobFailure
 from tests.support.gitserver import GitHttpServer, StallingServer, make_repo, rev_parse
 
@@ -179,6 +179,22 @@ async def test_token_required_and_sent_as_header(
         assert TOKEN not in record.getMessage() and basic not in record.getMessage()
     git_config = (tmp_path / "c" / ".git" / "config").read_text()
     assert TOKEN not in git_config and basic not in git_config  # not persisted in the checkout
+
+
+def test_token_header_is_scoped_to_the_repository_origin() -> None:
+    """The Authorization header is configured for the repository's own scheme, host and port
+    only, never as a global `http.extraHeader` that git would send to any host."""
+    env = _git_env(TOKEN, "https://GitHub.com:8443/owner/repo.git")
+    pairs = {
+        env[f"GIT_CONFIG_KEY_{i}"]: env[f"GIT_CONFIG_VALUE_{i}"]
+        for i in range(int(env["GIT_CONFIG_COUNT"]))
+    }
+    headers = {k: v for k, v in pairs.items() if k.lower().endswith("extraheader")}
+    assert list(headers) == ["http.https://github.com:8443/.extraHeader"]
+    assert headers["http.https://github.com:8443/.extraHeader"].startswith("Authorization: Basic ")
+    assert "http.extraHeader" not in pairs
+    no_token = _git_env(None, "https://github.com/owner/repo.git")
+    assert not any(v.startswith("Authorization") for v in no_token.values())
 
 
 async def test_token_scrubbed_from_errors(root: Path, tmp_path: Path) -> None:
