@@ -6,6 +6,7 @@
 import { vFondationEvent, type DocView, type RunStatus, type RunView } from "@fondation/convex-worker";
 import { paginationOptsValidator, type PaginationResult } from "convex/server";
 import { ConvexError, v } from "convex/values";
+import { internal } from "./_generated/api";
 import type { Doc, Id } from "./_generated/dataModel";
 import { internalMutation, internalQuery, mutation, query, type MutationCtx, type QueryCtx } from "./_generated/server";
 import { fondation } from "./fondation";
@@ -113,12 +114,22 @@ const STATUS: Record<RunStatus, Doc<"jobs">["status"]> = {
   canceled: "canceled",
 };
 
-/** Deletes this job's docs of other attempts (the example's runs have few docs). */
-async function keepOnlyAttempt(ctx: MutationCtx, jobId: Id<"jobs">, attempt: number): Promise<void> {
-  for await (const d of ctx.db.query("docs").withIndex("by_job_slug", (q) => q.eq("jobId", jobId))) {
-    if (d.attempt !== attempt) await ctx.db.delete(d._id);
-  }
-}
+/** Docs can be close to 1 MiB: delete a few per transaction (Convex reads at most 16 MiB). */
+const DELETE_BATCH = 8;
+
+/** Deletes this job's docs left by earlier attempts, in batches. */
+export const dropOlderDocs = internalMutation({
+  args: { jobId: v.id("jobs"), attempt: v.number() },
+  handler: async (ctx, { jobId, attempt }): Promise<null> => {
+    const older = await ctx.db
+      .query("docs")
+      .withIndex("by_job_attempt", (q) => q.eq("jobId", jobId).lt("attempt", attempt))
+      .take(DELETE_BATCH);
+    for (const d of older) await ctx.db.delete(d._id);
+    if (older.length === DELETE_BATCH) await ctx.scheduler.runAfter(0, internal.jobs.dropOlderDocs, { jobId, attempt });
+    return null;
+  },
+});
 
 /** Maps the component's events into the host's rows, in the host's shape. */
 export const onFondationEvent = internalMutation({
@@ -167,7 +178,7 @@ export const onFondationEvent = internalMutation({
         }
         break;
       case "completed":
-        await keepOnlyAttempt(ctx, job._id, event.attempt);
+        if (event.attempt > 1) await ctx.scheduler.runAfter(0, internal.jobs.dropOlderDocs, { jobId: job._id, attempt: event.attempt });
         await ctx.db.patch(job._id, {
           status: "completed",
           progress: `Completed: ${change.docsCount} docs`,

@@ -48,6 +48,7 @@ export default defineSchema({
     attempt: v.number(),
   })
     .index("by_job_slug", ["jobId", "slug"])
+    .index("by_job_attempt", ["jobId", "attempt"])
     .index("by_repository", ["repositoryId"]),
 
   jobLogs: defineTable({

@@ -35,7 +35,7 @@ export function newT() {
 }
 export type T = ReturnType<typeof newT>;
 
-export type Sent = { url: string; headers: Record<string, string>; body: string; json: any };
+export type Sent = { url: string; headers: Record<string, string>; body: string; json: any; at: number };
 
 /** Replace `fetch` with a fake worker. `answer` decides each response; every request is recorded. */
 export function fakeWorker(answer: (req: Sent) => Response | Promise<Response> = () => accepted()) {
@@ -45,7 +45,7 @@ export function fakeWorker(answer: (req: Sent) => Response | Promise<Response> =
     const headers: Record<string, string> = {};
     new Headers(init?.headers).forEach((value, key) => (headers[key] = value));
     const body = String(init?.body ?? "");
-    const req = { url: String(input), headers, body, json: JSON.parse(body) };
+    const req = { url: String(input), headers, body, json: JSON.parse(body), at: Date.now() };
     sent.push(req);
     return await answer(req);
   });
