@@ -2,10 +2,11 @@
 `fondation.enqueue`) to the CLI process starting.
 
 Both designs run against the same convex-test bridge (`deploy/bridge/server.ts`, one Node
-process serving the example host app with the component) and a real worker whose FONDATION_COMMAND is `bench/paced_cli.py --stamp FILE`: the
-CLI's first act is to append `time.time()` and its output directory (which names the job) to
-FILE. The benchmark takes `time.time()` just before the `create` call. A small repository is
-cloned from a git server on 127.0.0.1 in both designs, so the clone is in both numbers.
+process serving the example host app with the component) and a real worker whose
+FONDATION_COMMAND is `bench/paced_cli.py --stamp FILE`: the CLI's first act is to append
+`time.time()` and its output directory (which names the job) to FILE. The benchmark takes
+`time.time()` just before the enqueue. A small repository is cloned from a git server on
+127.0.0.1 in both designs, so the clone is in both numbers.
 
 * push (this design): the bridge has FONDATION_WORKER_URL; the enqueue kicks the component's
   loop, which schedules the signed webhook at once; the worker (CONVEX_URL = the bridge) acks,

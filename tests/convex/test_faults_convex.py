@@ -291,8 +291,9 @@ def assert_docs_ok(bridge: ConvexBridge, job_id: str, expected: int) -> None:
     # Earlier attempts' docs are deleted in the background, in batches: wait for it (bounded).
     wait_until(
         f"{job_id}: only the completed attempt's docs left",
-        lambda: len([d for d in bridge.component_table("docs") if d["runId"] == job_id])
-        == expected,
+        lambda: (
+            len([d for d in bridge.component_table("docs") if d["runId"] == job_id]) == expected
+        ),
         timeout_s=10,
         every_s=0.1,
     )
@@ -839,9 +840,7 @@ def test_fuzzed_callbacks_never_5xx_and_never_change_a_job_without_its_token(
     ):
         running = create(bridge, "https://github.com/owner/running.git")
         waiting = create(bridge, "https://github.com/owner/waiting.git")
-        wait_until(
-            "two deliveries", lambda: all(j.get("deliveredAt") for j in bridge.runs()), 30
-        )
+        wait_until("two deliveries", lambda: all(j.get("deliveredAt") for j in bridge.runs()), 30)
         # Only hashes are stored: the tokens are the ones the worker (here the sink) received.
         tokens = {
             i: json.loads(sink.deliveries[f"{i}:1"])["data"]["callbackToken"]

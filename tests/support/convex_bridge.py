@@ -43,6 +43,9 @@ class ConvexBridge:
         self.env = {**os.environ, "PORT": "0", **{k: str(v) for k, v in env.items()}}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        # One pooled client: a fresh httpx client per call costs ~60 ms (TLS context setup),
+        # which made polling loops and per-call snapshots the slowest part of the tests.
+        self.http = httpx.Client(timeout=30)
 
     def start(self, timeout_s: float = 60.0) -> ConvexBridge:
         log = self.log_path.open("wb")
@@ -97,6 +100,7 @@ class ConvexBridge:
             drainer.join(timeout=5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        self.http.close()
 
     def __enter__(self) -> ConvexBridge:
         return self.start()
@@ -107,7 +111,7 @@ class ConvexBridge:
     # -- Convex HTTP API -----------------------------------------------------------------
 
     def _api(self, kind: str, path: str, args: dict[str, Any]) -> Any:
-        r = httpx.post(
+        r = self.http.post(
             f"{self.url}/api/{kind}",
             json={"path": path, "args": args, "format": "json"},
             timeout=30,
@@ -124,9 +128,7 @@ class ConvexBridge:
         return self._api("query", path, args)
 
     def run(self, path: str, args: dict[str, Any] | None = None) -> Any:
-        r = httpx.post(
-            f"{self.url}/__test/run", json={"path": path, "args": args or {}}, timeout=30
-        )
+        r = self.http.post(f"{self.url}/__test/run", json={"path": path, "args": args or {}})
         r.raise_for_status()
         return r.json()
 
@@ -149,21 +151,21 @@ class ConvexBridge:
 
     def table(self, name: str) -> list[dict[str, Any]]:
         """A table of the host app."""
-        r = httpx.get(f"{self.url}/__test/table/{name}", timeout=30)
+        r = self.http.get(f"{self.url}/__test/table/{name}")
         r.raise_for_status()
         rows: list[dict[str, Any]] = r.json()
         return rows
 
     def component_table(self, name: str) -> list[dict[str, Any]]:
         """A table of the component (test-only: nothing exposes these over the API)."""
-        r = httpx.get(f"{self.url}/__test/component/{name}", timeout=30)
+        r = self.http.get(f"{self.url}/__test/component/{name}")
         r.raise_for_status()
         rows: list[dict[str, Any]] = r.json()
         return rows
 
     def runs(self) -> list[dict[str, Any]]:
         """The component's runs, each with its lease's `lastSeq`, `leaseUntil` and `sends`."""
-        r = httpx.get(f"{self.url}/__test/runs", timeout=30)
+        r = self.http.get(f"{self.url}/__test/runs")
         r.raise_for_status()
         rows: list[dict[str, Any]] = r.json()
         return rows
@@ -183,7 +185,7 @@ class ConvexBridge:
             cursor = page["continueCursor"]
 
     def calls(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.url}/__test/calls", timeout=30)
+        r = self.http.get(f"{self.url}/__test/calls")
         r.raise_for_status()
         out: list[dict[str, Any]] = r.json()
         return out
