@@ -18,7 +18,7 @@ import {
   retryOrFinish,
 } from "./model.js";
 import { DEFAULT_CONFIG, vDeliveryOutcome, vRunOptions, type DeliveryOutcome } from "./shared.js";
-import { hashToken, randomToken, sign } from "./signing.js";
+import { deriveToken, hashToken, randomToken, sign } from "./signing.js";
 
 /** Where and how to send: what the action needs from `globals`. */
 const vTarget = v.object({
@@ -31,6 +31,7 @@ type Target = { workerUrl?: string; webhookSecret?: string; dispatchTimeoutMs: n
 /** What the job.start body is built from. */
 const vStartMessage = v.object({
   webhookId: v.string(),
+  callbackToken: v.string(),
   jobId: v.string(),
   attempt: v.number(),
   messageAt: v.number(),
@@ -148,43 +149,56 @@ function problemDetail(text: string): string {
 }
 
 /**
- * Send `job.start` for one attempt. The token is minted here, not in a mutation: mutations get
- * a seeded PRNG (deterministic for retries), an action gets real randomness. Only its hash is
- * stored, so a re-send (after 503/429) mints a new token under a new webhook-id.
+ * Send `job.start` for one attempt. Randomness comes from here, not from a mutation: mutations
+ * get a seeded PRNG (deterministic for retries), an action gets real randomness.
  */
 export const deliver = internalAction({
   args: { runId: v.id("runs"), attempt: v.number() },
   handler: async (ctx, { runId, attempt }): Promise<DeliveryOutcome | null> => {
-    const callbackToken = randomToken();
     const msg = await ctx.runMutation(internal.dispatch.prepare, {
       runId,
       attempt,
-      tokenHash: await hashToken(callbackToken),
+      freshKey: randomToken(),
+      freshNonce: randomToken(),
     });
     if (msg === null) return null; // canceled, or another attempt owns the run now
-    const result = await postWebhook(msg.target, msg.webhookId, startBody({ ...msg, callbackToken }));
+    const result = await postWebhook(msg.target, msg.webhookId, startBody(msg));
     const outcome = classify(result, Date.now());
     await ctx.runMutation(internal.dispatch.recordOutcome, { runId, attempt, outcome, jitter: Math.random() });
     return outcome;
   },
 });
 
-/** Store the attempt's token hash for this send; return the message to send. */
+/**
+ * Fix the attempt's token and message time (once per attempt: a re-send after 503/429 is
+ * byte-identical, as the worker's dedupe on webhook-id + body requires), store the token's
+ * hash, and return the message. The token is derived, never stored.
+ */
 export const prepare = internalMutation({
-  args: { runId: v.id("runs"), attempt: v.number(), tokenHash: v.string() },
+  args: { runId: v.id("runs"), attempt: v.number(), freshKey: v.string(), freshNonce: v.string() },
   returns: v.union(v.null(), vStartMessage),
-  handler: async (ctx, { runId, attempt, tokenHash }) => {
+  handler: async (ctx, { runId, attempt, freshKey, freshNonce }) => {
     const run = await ctx.db.get(runId);
     const lease = await leaseOf(ctx, runId);
     if (run === null || lease === null || run.status !== "dispatched" || run.attempt !== attempt) return null;
-    const sends = lease.sends + 1;
-    const messageAt = Date.now();
-    await ctx.db.patch(lease._id, { tokenHash, sends });
+    let key = (await ctx.db.query("tokenKeys").first())?.key;
+    if (key === undefined) {
+      key = freshKey;
+      await ctx.db.insert("tokenKeys", { key });
+    }
+    const nonce = lease.tokenNonce ?? freshNonce;
+    const messageAt = lease.messageAt ?? Date.now();
+    const callbackToken = await deriveToken(key, runId, attempt, nonce);
+    await ctx.db.patch(lease._id, {
+      tokenNonce: nonce,
+      messageAt,
+      tokenHash: await hashToken(callbackToken),
+      sends: lease.sends + 1,
+    });
     const config = await getConfig(ctx);
     return {
-      // The first send keeps the contract's `<jobId>:<attempt>`; a re-send carries another
-      // body (new token) and so needs another id (the worker dedupes on id + body).
-      webhookId: sends === 1 ? `${runId}:${attempt}` : `${runId}:${attempt}:${sends}`,
+      webhookId: `${runId}:${attempt}`,
+      callbackToken,
       jobId: runId,
       attempt,
       messageAt,
@@ -227,7 +241,8 @@ export const recordOutcome = internalMutation({
             ? `worker busy (${outcome.status}); retrying in ${Math.round(delay / 1000)} s`
             : `${outcome.detail}; retrying in ${Math.round(delay / 1000)} s`;
         await ctx.db.patch(runId, { status: "pending", dispatchedAt: undefined, message, updatedAt: now });
-        await ctx.db.patch(lease._id, { leaseUntil: undefined, tokenHash: undefined });
+        // The token stays: the re-send carries the same one.
+        await ctx.db.patch(lease._id, { leaseUntil: undefined });
         const next = (await ctx.db.get(runId))!;
         await emit(ctx, next, { kind: "status", status: "pending", message });
         await enqueueRun(ctx, next, now + delay);

@@ -7,8 +7,9 @@ import { internal } from "./_generated/api.js";
 import type { Doc } from "./_generated/dataModel.js";
 import type { MutationCtx } from "./_generated/server.js";
 
-/** Slack under which an already scheduled loop run counts as "soon enough". */
-const SOON_MS = 1_000;
+/** A loop run scheduled within this much of the due time counts as "soon enough". Small:
+ * every millisecond here is dispatch latency (enqueue → webhook). */
+const SOON_MS = 20;
 
 export async function loopStateRow(ctx: MutationCtx): Promise<Doc<"loopState">> {
   const row = await ctx.db.query("loopState").first();

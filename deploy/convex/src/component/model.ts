@@ -230,6 +230,8 @@ export async function retryOrFinish(
     attempt,
     previous: { attempt: run.attempt, tokenHash: lease.tokenHash, outcome: opts.outcome },
     tokenHash: undefined,
+    tokenNonce: undefined,
+    messageAt: undefined,
     sends: 0,
     leaseUntil: undefined,
     lastSeq: 0,

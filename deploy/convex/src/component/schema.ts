@@ -57,7 +57,12 @@ export default defineSchema({
     attempt: v.number(),
     /** SHA-256 (hex) of the attempt's callback token; the token itself is never stored. */
     tokenHash: v.optional(v.string()),
-    /** Webhooks sent for this attempt (a re-send after 503/429 mints a new token). */
+    /** Random per attempt: with the component's `tokenKeys` key it derives the token again
+     * for a byte-identical re-send (the worker dedupes on webhook-id + body). */
+    tokenNonce: v.optional(v.string()),
+    /** Time of the attempt's `job.start` message, fixed for re-sends like the token. */
+    messageAt: v.optional(v.number()),
+    /** Webhooks sent for this attempt (re-sends after 503/429 are byte-identical). */
     sends: v.number(),
     /** The deadline by which the worker must be heard from: the claim deadline while
      * `dispatched`, the lease while running; unset when the run holds no slot. */
@@ -105,6 +110,13 @@ export default defineSchema({
   })
     .index("by_run_attempt_slug", ["runId", "attempt", "slug"])
     .index("by_run_attempt_order", ["runId", "attempt", "order"]),
+
+  /**
+   * One random key (32 bytes) under which callback tokens are derived: token =
+   * HMAC-SHA256(key, runId:attempt:nonce). Writer: `dispatch.prepare` (created on first use,
+   * from the action's randomness). Reader: `dispatch.prepare`. Never leaves the component.
+   */
+  tokenKeys: defineTable({ key: v.string() }),
 
   /** Settings passed by the host's client, one row. Writer: `lib.enqueue` (when they change).
    * Readers: everything that needs a setting. */
