@@ -88,7 +88,12 @@ export const status = query({
   },
 });
 
-/** The current attempt's docs in reading order (yaml, then chapters and tutorials by index). */
+/**
+ * The current attempt's docs in reading order (yaml, then chapters and tutorials by index).
+ * Paginated by hand over the `order` key (the cursor is the last key returned) rather than with
+ * `.paginate()`, which components could not use for long and which would tie the host's page
+ * boundaries to ours.
+ */
 export const listDocs = query({
   args: { runId: v.string(), paginationOpts: paginationOptsValidator },
   returns: paginationResultValidator(vDocView),
@@ -96,13 +101,18 @@ export const listDocs = query({
     const id = ctx.db.normalizeId("runs", args.runId);
     const run = id === null ? null : await ctx.db.get(id);
     if (run === null) return { page: [], isDone: true, continueCursor: "" };
-    const result = await ctx.db
+    const after = args.paginationOpts.cursor;
+    const numItems = Math.max(1, Math.min(100, Math.floor(args.paginationOpts.numItems)));
+    const rows = await ctx.db
       .query("docs")
-      .withIndex("by_run_attempt_order", (q) => q.eq("runId", run._id).eq("attempt", run.attempt))
-      .paginate(args.paginationOpts);
+      .withIndex("by_run_attempt_order", (q) => {
+        const same = q.eq("runId", run._id).eq("attempt", run.attempt);
+        return after ? same.gt("order", after) : same;
+      })
+      .take(numItems + 1);
+    const page = rows.slice(0, numItems);
     return {
-      ...result,
-      page: result.page.map((d) => ({
+      page: page.map((d) => ({
         slug: d.slug,
         title: d.title,
         kind: d.kind,
@@ -110,6 +120,8 @@ export const listDocs = query({
         content: d.content,
         attempt: d.attempt,
       })),
+      isDone: rows.length <= numItems,
+      continueCursor: page.at(-1)?.order ?? after ?? "",
     };
   },
 });
