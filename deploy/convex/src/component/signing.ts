@@ -96,3 +96,29 @@ export function randomToken(): string {
   crypto.getRandomValues(bytes);
   return bytesToBase64(bytes).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
+
+/**
+ * SHA-256 of a callback token, hex. Only this is stored: a reader of the component's tables
+ * (dashboard, backup, a bug in a query) learns no token it could call back with.
+ */
+export async function hashToken(token: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", encoder.encode(token));
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * The callback token of one attempt: base64url(HMAC-SHA256(key, `${runId}:${attempt}:${nonce}`)),
+ * 43 characters. Derived rather than stored, so the same attempt's webhook can be re-sent
+ * byte-identical while only the token's hash is kept.
+ */
+export async function deriveToken(key: string, runId: string, attempt: number, nonce: string): Promise<string> {
+  const cryptoKey = await crypto.subtle.importKey(
+    "raw",
+    encoder.encode(key),
+    { name: "HMAC", hash: "SHA-256" },
+    false,
+    ["sign"],
+  );
+  const mac = new Uint8Array(await crypto.subtle.sign("HMAC", cryptoKey, encoder.encode(`${runId}:${attempt}:${nonce}`)));
+  return bytesToBase64(mac).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
