@@ -21,6 +21,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.domain import Failure, FailureCode, JobSpec
 from app.errors import CallbackError, WorkerError
+from app.isolation import CliSandbox
 from app.logs import Redactor
 from app.metrics import Metrics
 from app.pipeline import RunnerDeps, RunState, StopReason, Workspace, run_attempt
@@ -71,6 +72,7 @@ class JobManager:
                 allow_insecure=settings.allow_insecure_git,
                 allow_private=settings.allow_private_networks,
             ),
+            sandbox=CliSandbox.from_settings(settings),
         )
         self._running: dict[str, RunState] = {}
         self._draining = False

@@ -16,6 +16,7 @@ from app.checkpoint import promised_floor
 from app.clock import Clock
 from app.config import Settings
 from app.domain import Checkpoint, JobSpec, JobStatus
+from app.isolation import CliSandbox
 from app.logs import Redactor
 from app.metrics import Metrics
 from app.pipeline.reporting import ProgressSender
@@ -59,6 +60,7 @@ class RunnerDeps:
     resolver: Resolver
     redactor: Redactor
     policy: UrlPolicy
+    sandbox: CliSandbox = field(default_factory=CliSandbox)
 
     @property
     def term_grace_s(self) -> float:

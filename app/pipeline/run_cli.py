@@ -64,6 +64,9 @@ async def run_cli(attempt: Attempt, inp: CliInput) -> CliOutput:
         allow=(*DEFAULT_CLI_ENV, *s.cli_env_passthrough),
         deny_prefixes=DENIED_ENV_PREFIXES,
     )
+    env = await asyncio.to_thread(
+        deps.sandbox.prepare, attempt.workspace.root, inp.repo_dir, inp.out_dir, env
+    )
     step_clock = StepClock(deps.metrics, attempt.ctx, attempt.now())
     tracker = attempt.tracker
     partial = PartialUploader(
@@ -87,16 +90,18 @@ async def run_cli(attempt: Attempt, inp: CliInput) -> CliOutput:
     attempt.ticking = partial
     cancelled = False
     try:
-        result = await process.run_cli(
-            argv,
-            env=env,
-            cwd=attempt.workspace.root,
-            timeout_s=s.job_timeout_s,
-            term_grace_s=deps.term_grace_s,
-            on_lines=on_lines,
-            stop=attempt.run.stop,
-            tail_lines=s.log_tail_lines,
-        )
+        async with deps.sandbox.cli_slot():
+            result = await process.run_cli(
+                argv,
+                env=env,
+                cwd=attempt.workspace.root,
+                timeout_s=s.job_timeout_s,
+                term_grace_s=deps.term_grace_s,
+                on_lines=on_lines,
+                stop=attempt.run.stop,
+                tail_lines=s.log_tail_lines,
+                run_as=deps.sandbox.run_as,
+            )
         if result.exit_code == 0 and not result.stopped and not result.timed_out:
             partial.cli_succeeded()
     except asyncio.CancelledError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from app.domain import (
     Repository,
 )
 from app.errors import CallbackError
+from app.isolation import CliSandbox, RunAs
 from app.logs import Redactor
 from app.metrics import create_metrics
 from app.pipeline import clone, restore, run_cli
@@ -397,3 +399,19 @@ def test_old_databases_get_the_commit_column(tmp_path: Path) -> None:
     store.record_start("w1", "f", spec(1))
     view = store.get_job("j1")
     assert view is not None and view.commit is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+async def test_restored_files_belong_to_the_cli_user(tmp_path: Path, repo: Path) -> None:
+    """With CLI_USER the CLI must read and extend what the checkpoint restored (worker-owned,
+    private under the worker's umask 077 otherwise)."""
+    made = tmp_path / "made"
+    run_sim(repo, made, *STEP_NAMES[:4])
+    checkpoint = Checkpoint(SHA, files_of(made))
+    attempt = attempt_for(tmp_path, checkpoint)
+    ws = attempt.workspace
+    await restore.restore_checkpoint(attempt, restore.RestoreInput(checkpoint, SHA, ws.out_dir))
+    ws.repo_dir.mkdir()
+    CliSandbox(run_as=RunAs(65534, 65534)).prepare(ws.root, ws.repo_dir, ws.out_dir, {})
+    owners = {p.lstat().st_uid for p in ws.out_dir.rglob("*")}
+    assert owners == {65534}
