@@ -1,6 +1,7 @@
 /**
- * The worker calls these five mutations as `fondation:claim`, `fondation:progress`,
- * `fondation:putDocs`, `fondation:complete` and `fondation:fail` (docs/CONTRACT.md §3).
+ * The worker calls these mutations as `fondation:claim`, `fondation:checkpointPage`,
+ * `fondation:progress`, `fondation:putDocs`, `fondation:complete` and `fondation:fail`
+ * (docs/CONTRACT.md §3).
  */
 import { Fondation } from "@fondation/convex-worker";
 import { components, internal } from "./_generated/api";
@@ -11,4 +12,4 @@ export const fondation: Fondation = new Fondation(components.fondation, {
   cloneToken: internal.jobs.cloneToken,
 });
 
-export const { claim, progress, putDocs, complete, fail } = fondation.workerApi();
+export const { claim, checkpointPage, progress, putDocs, complete, fail } = fondation.workerApi();

@@ -130,6 +130,7 @@ export function runView(run: Run): RunView {
     lastError: run.lastError,
     result: run.result,
     claimedBy: run.claimedBy,
+    commit: run.commit,
     createdAt: run.createdAt,
     updatedAt: run.updatedAt,
     finishedAt: run.finishedAt,
