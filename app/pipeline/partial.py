@@ -28,6 +28,9 @@ from app.progress import STEP_NAMES
 
 log = logging.getLogger("fondation.jobs")
 
+REFUSED_BATCH = frozenset({"invalid_doc", "doc_too_large", "invalid_commit", "invalid_step"})
+"""Refusals of one batch (not of the attempt): logged; the job goes on, the final upload
+decides. Any other refusal (canceled, final, stale_attempt) stops the attempt."""
 SETTLE_S = 2.0
 """A file unchanged for this long within a step is taken as written (a finished chapter)."""
 
@@ -154,6 +157,12 @@ class PartialUploader:
             )
             return
         self.uploads += 1
+        if ack.stop and ack.reason in REFUSED_BATCH:
+            log.warning(
+                "partial docs refused by the store",
+                extra={**attempt.ctx, "step_ended": upload.step, "reason": ack.reason},
+            )
+            return
         if ack.stop:
             attempt.superseded(ack.reason)
             return
