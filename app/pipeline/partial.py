@@ -127,13 +127,16 @@ class PartialUploader:
             self._wake.clear()
             while self._queue:
                 req = self._queue.popleft()
-                if req.step is not None:
-                    upload = await asyncio.to_thread(files.step_ended, req.step)
-                elif req.settled_at_s is not None:
-                    upload = await asyncio.to_thread(files.settled, req.settled_at_s)
-                else:
-                    upload = await asyncio.to_thread(files.changed)
-                await self._send(upload)
+                try:
+                    if req.step is not None:
+                        upload = await asyncio.to_thread(files.step_ended, req.step)
+                    elif req.settled_at_s is not None:
+                        upload = await asyncio.to_thread(files.settled, req.settled_at_s)
+                    else:
+                        upload = await asyncio.to_thread(files.changed)
+                    await self._send(upload)
+                except Exception:  # never the attempt's end: the final upload decides
+                    log.exception("partial docs upload crashed", extra=self._attempt.ctx)
             if self._closed:
                 return
 

@@ -60,6 +60,7 @@ class Reporter:
     partial: list[tuple[tuple[str, ...], PartialDocs | None]] = field(default_factory=list)
     progress_reports: list[Progress] = field(default_factory=list)
     fail_next: int = 0
+    crash_next: int = 0
 
     async def claim(self, spec: JobSpec) -> ClaimResult:
         return ClaimResult(ok=True)
@@ -74,6 +75,9 @@ class Reporter:
         if self.fail_next:
             self.fail_next -= 1
             raise CallbackError("put_docs", "down", retryable=True)
+        if self.crash_next:
+            self.crash_next -= 1
+            raise RuntimeError("a bug in the reporter")
         self.partial.append((tuple(str(d.path) for d in docs), partial))
         return CallbackAck()
 
@@ -280,6 +284,24 @@ async def test_a_step_counts_as_ended_only_once_its_upload_succeeded(
     run_sim(repo, out, "analyze")
     await uploader.close(5.0)  # a stopped CLI: what changed, no step ended
     assert reporter.partial[-1] == (("step2_relationships.yaml",), PartialDocs(SHA, None))
+
+
+async def test_an_upload_that_crashes_neither_stops_the_uploads_nor_the_attempt(
+    tmp_path: Path, repo: Path
+) -> None:
+    attempt = attempt_for(tmp_path)
+    reporter = attempt.deps.reporter
+    assert isinstance(reporter, Reporter)
+    out = attempt.workspace.out_dir
+    uploader = PartialUploader(attempt, out, commit=SHA, run_steps=STEP_NAMES, settle_s=0.0)
+    run_sim(repo, out, "extract")
+    reporter.crash_next = 1
+    uploader.steps_reached(2)
+    await asyncio.sleep(0.3)
+    run_sim(repo, out, "analyze")
+    uploader.steps_reached(3)
+    await uploader.close(5.0)  # does not raise
+    assert uploader.ended == ["analyze"]
 
 
 def test_partial_docs_are_named_as_the_final_ones() -> None:
