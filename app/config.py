@@ -73,6 +73,8 @@ class Settings:
     cockpit_token: str | None = field(default=None, repr=False)
     metrics_push_interval_s: float = 60.0
     lease_s: float = 60.0
+    repo_cache_dir: Path = Path("var/repo-cache")
+    repo_cache_max_bytes: int = 1024**3
 
     @property
     def embedded(self) -> bool:
@@ -121,6 +123,16 @@ def _positive(parse: Callable[[str], T]) -> Callable[[str], T]:
     return inner
 
 
+def _not_negative(parse: Callable[[str], T]) -> Callable[[str], T]:
+    def inner(raw: str) -> T:
+        value = parse(raw)
+        if value < 0:  # type: ignore[operator]
+            raise ValueError("must not be negative")
+        return value
+
+    return inner
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from an environment mapping; raises `ConfigError` on a bad value."""
     # Absolute at once: git and the CLI run in other working directories.
@@ -164,6 +176,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         cockpit_token=_get(env, "COCKPIT_TOKEN", None, str),
         metrics_push_interval_s=_get(env, "METRICS_PUSH_INTERVAL_S", 60.0, _positive(float)),
         lease_s=_get(env, "LEASE_S", 60.0, _positive(float)),
+        repo_cache_dir=_get(env, "REPO_CACHE_DIR", data_dir / "repo-cache", Path).absolute(),
+        repo_cache_max_bytes=_get(env, "REPO_CACHE_MAX_BYTES", 1024**3, _not_negative(int)),
     )
     if (settings.cockpit_metrics_url is None) != (settings.cockpit_token is None):
         raise ConfigError("COCKPIT_METRICS_URL", "set together with COCKPIT_TOKEN, or neither")

@@ -1,0 +1,360 @@
+"""A repository cache on the instance's local disk: one bare mirror per repository URL, from
+which each job's work tree is made, so a repository cloned before only downloads what changed.
+
+    <root>/mirrors/<key>.git     bare, shallow; <key> = sha256 of the normalized URL
+    <root>/locks/<key>.lock      flock: exclusive to fetch or drop, shared to copy out
+
+One clone through the cache (in a clone thread, under git.py's limits: timeout, size watch,
+abort, and its hardened environment: no hooks, no symlinks, http(s) only to the server):
+
+    git --git-dir <mirror> fetch --depth 1 --no-tags -- <url> <ref>     exclusive lock
+    git --git-dir <mirror> update-ref refs/cache/<sha1(ref)> <commit>   (a "have" next time)
+    git init <dest>                                                     shared lock
+    git fetch --depth 1 -- file://<mirror> <commit>
+    git checkout --detach --force FETCH_HEAD
+
+Every job fetches from the server with its own token (passed per fetch in the environment by
+`git_env`, never written to the mirror's config), so a job never gets from the cache what the
+server would not give it, and a moved ref is seen at once. The fetch sends the mirror's commits
+as "haves", so the server sends only the objects that changed.
+
+The job's work tree never shares a writable file with the mirror (the CLI is hostile and
+writes in its checkout): objects cross by the pack protocol (no hardlinks, no alternates),
+where `index-pack` recomputes every object's id, so a tampered mirror cannot change the
+content of the commit the job checks out; the work tree's FETCH_HEAD, which names the mirror,
+is deleted. Before each fetch the mirror's own config is rewritten and its alternates, grafts
+and hooks removed, so nothing a previous job's CLI could have planted there steers git.
+
+A mirror that fails in a way that is not the server's answer (git reports a bad object, a
+missing object, a broken repository) is dropped and the job falls back to a direct clone
+(`git.clone_sync`): the cache never fails a job. The cache is bounded by `max_bytes` (all
+mirrors); least recently used mirrors that no job holds are evicted after each clone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from app.adapters import git
+from app.config import Settings
+
+__all__ = ["RepoCache", "cache_key", "normalize_url"]
+
+log = logging.getLogger("fondation.repo_cache")
+
+_LOCK_POLL_S = 0.02
+_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
+# Files a hostile process could plant in a mirror to steer the next git run in it.
+_PLANTABLE = ("objects/info/alternates", "objects/info/http-alternates", "info/grafts", "commondir")
+
+
+def normalize_url(url: str) -> str:
+    """The URL a mirror is keyed by: scheme and host lower-cased, default port, trailing
+    slash and `.git` dropped (`https://GitHub.com/a/b.git/` and `https://github.com/a/b` are
+    one repository)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    netloc = host if parts.port in (None, default) else f"{host}:{parts.port}"
+    path = parts.path.rstrip("/")
+    path = path.removesuffix(".git")
+    return urlunsplit((parts.scheme.lower(), netloc, path, parts.query, ""))
+
+
+def cache_key(url: str) -> str:
+    return hashlib.sha256(normalize_url(url).encode()).hexdigest()[:32]
+
+
+class _Broken(Exception):
+    """The mirror, not the server, failed: drop it and clone directly."""
+
+
+@dataclass(frozen=True, slots=True)
+class RepoCache:
+    root: Path
+    max_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RepoCache | None:
+        """The configured cache, or None when it is off (REPO_CACHE_MAX_BYTES=0)."""
+        if settings.repo_cache_max_bytes <= 0:
+            return None
+        return cls(settings.repo_cache_dir, settings.repo_cache_max_bytes)
+
+    def mirror_path(self, url: str) -> Path:
+        return self.root / "mirrors" / f"{cache_key(url)}.git"
+
+    # -- one clone (runs in git.py's clone thread) -------------------------------------
+
+    def clone_sync(
+        self,
+        url: str,
+        ref: str | None,
+        dest: Path,
+        token: str | None,
+        timeout_s: float,
+        max_bytes: int,
+        abort: threading.Event,
+    ) -> git.CloneResult:
+        """Clone `ref` of `url` into `dest` through the mirror; same contract as
+        `git.clone_sync` (raises `git.CloneFailed`)."""
+        started = time.monotonic()
+        secret_values = tuple(s for s in (token, git.basic_value(token) if token else None) if s)
+        limits = git.Limits(
+            dest, started + timeout_s, timeout_s, max_bytes, abort, secret_values, ref or "HEAD"
+        )
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise git.CloneFailed("destination directory is not empty")
+        key = cache_key(url)
+        mirror = self.root / "mirrors" / f"{key}.git"
+        try:
+            with self._locked(key, fcntl.LOCK_EX, limits):
+                commit, fetched = self._update(mirror, url, ref, token, limits)
+            with self._locked(key, fcntl.LOCK_SH, limits):
+                commit = self._work_tree(mirror, commit, dest, limits)
+        except (_Broken, OSError) as broken:
+            # The cache's own failure (a damaged mirror, its disk): never the job's.
+            log.warning(
+                "repository cache dropped a mirror",
+                extra={"error": git.scrub(str(broken), secret_values)[:300]},
+            )
+            with self._locked(key, fcntl.LOCK_EX, limits):
+                git.remove_tree(mirror)
+            git.remove_tree(dest)
+            remaining_s = max(0.1, limits.deadline - time.monotonic())
+            return git.clone_sync(url, ref, dest, token, remaining_s, max_bytes, abort)
+        with contextlib.suppress(OSError):
+            os.utime(mirror)  # the LRU clock
+        self.evict()
+        log.info(
+            "cloned through the repository cache",
+            extra={"fetched_bytes": fetched, "duration_s": round(time.monotonic() - started, 3)},
+        )
+        return git.CloneResult(
+            commit=commit, bytes_on_disk=git.dir_size(dest), duration_s=time.monotonic() - started
+        )
+
+    def _update(
+        self, mirror: Path, url: str, ref: str | None, token: str | None, limits: git.Limits
+    ) -> tuple[str, int]:
+        """Fetch `ref` into the mirror (created if missing); return its commit and the bytes
+        the mirror grew by."""
+        fresh = not mirror.is_dir() or mirror.is_symlink()
+        if fresh:
+            git.remove_tree(mirror)
+            mirror.parent.mkdir(parents=True, exist_ok=True)
+            self._git(
+                ["init", "-q", "--bare", "--template=", "--", str(mirror)],
+                None,
+                mirror.parent,
+                limits,
+            )
+        else:
+            self._sanitize(mirror)
+        before = git.dir_size(mirror)
+        # The size watch covers what this fetch adds, not what earlier jobs left.
+        fetch_limits = git.Limits(
+            mirror,
+            limits.deadline,
+            limits.timeout_s,
+            before + limits.max_bytes,
+            limits.abort,
+            limits.secrets,
+            limits.ref_label,
+        )
+        target = "HEAD" if ref is None else ref
+        try:
+            self._git(
+                [
+                    f"--git-dir={mirror}",
+                    "fetch",
+                    "--quiet",
+                    "--depth",
+                    "1",
+                    "--no-tags",
+                    "--no-recurse-submodules",
+                    "--no-write-commit-graph",
+                    "--",
+                    url,
+                    target,
+                ],
+                token,
+                mirror,
+                fetch_limits,
+            )
+            commit = (mirror / "FETCH_HEAD").read_text(encoding="ascii").split("\t", 1)[0]
+            if not git.SHA.fullmatch(commit):
+                raise _Broken("the mirror's FETCH_HEAD holds no commit")
+            if git.SHA.fullmatch(target) and commit.lower() != target.lower():
+                raise git.CloneFailed(f"ref {target!r} not found")
+            pin = f"refs/cache/{hashlib.sha1(target.encode()).hexdigest()}"  # noqa: S324 - a name
+            self._git(
+                [f"--git-dir={mirror}", "update-ref", "--no-deref", pin, commit],
+                None,
+                mirror,
+                fetch_limits,
+            )
+        except git.CloneFailed as failed:
+            if fresh:
+                git.remove_tree(mirror)  # no empty mirror for a URL that did not clone
+            if not fresh and _suspect(failed):
+                raise _Broken(failed.message) from None
+            raise
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Broken(f"{type(exc).__name__} reading the mirror") from None
+        return commit, git.dir_size(mirror) - before
+
+    def _work_tree(self, mirror: Path, commit: str, dest: Path, limits: git.Limits) -> str:
+        """Make `dest` a checkout of `commit` (a commit or an annotated tag) with its own
+        objects, verified by index-pack; return the commit checked out."""
+        local = (
+            ("protocol.file.allow", "always"),  # the mirror only, by its path; never the job's URL
+            ("uploadpack.allowAnySHA1InWant", "true"),
+        )
+        try:
+            self._git(["init", "-q", "--template=", "--", str(dest)], None, dest, limits, local)
+            self._git(
+                [
+                    "fetch",
+                    "--quiet",
+                    "--depth",
+                    "1",
+                    "--no-tags",
+                    "--no-recurse-submodules",
+                    "--no-write-commit-graph",
+                    "--",
+                    mirror.as_uri(),
+                    commit,
+                ],
+                None,
+                dest,
+                limits,
+                local,
+            )
+            # FETCH_HEAD, not `commit`: an annotated tag's id peels to its commit here.
+            self._git(
+                ["checkout", "-q", "--detach", "--force", "FETCH_HEAD", "--"], None, dest, limits
+            )
+        except git.CloneFailed as failed:
+            if _suspect(failed):
+                raise _Broken(failed.message) from None
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            (dest / ".git" / "FETCH_HEAD").unlink()  # it names the mirror
+        head = (dest / ".git" / "HEAD").read_text(encoding="ascii").strip()
+        if not git.SHA.fullmatch(head):
+            raise _Broken("the checkout did not leave a detached HEAD")
+        return head
+
+    @staticmethod
+    def _git(
+        args: list[str],
+        token: str | None,
+        cwd: Path,
+        limits: git.Limits,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        env = git.git_env(token)
+        if extra:
+            count = int(env["GIT_CONFIG_COUNT"])
+            for i, (key, value) in enumerate(extra, start=count):
+                env[f"GIT_CONFIG_KEY_{i}"] = key
+                env[f"GIT_CONFIG_VALUE_{i}"] = value
+            env["GIT_CONFIG_COUNT"] = str(count + len(extra))
+            env["GIT_ALLOW_PROTOCOL"] = "file"
+        git.run_git(args, env, cwd, limits)
+
+    @staticmethod
+    def _sanitize(mirror: Path) -> None:
+        """Undo what a hostile process could have planted in the mirror since its last use."""
+        (mirror / "config").write_text(_CONFIG, encoding="ascii")
+        for name in _PLANTABLE:
+            git.remove_tree(mirror / name)
+        git.remove_tree(mirror / "hooks")
+
+    # -- locks and eviction ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, key: str, mode: int, limits: git.Limits) -> Iterator[None]:
+        """Hold the mirror's lock (polled, so the clone's deadline and abort still apply)."""
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                if limits.abort.is_set():
+                    raise git.CloneFailed("clone canceled", retryable=True) from None
+                if time.monotonic() > limits.deadline:
+                    raise git.CloneFailed(
+                        f"clone timed out after {limits.timeout_s:g} s", retryable=True
+                    ) from None
+                time.sleep(_LOCK_POLL_S)
+            yield
+        finally:
+            os.close(fd)  # also releases the lock
+
+    def size(self) -> int:
+        return git.dir_size(self.root / "mirrors")
+
+    def evict(self) -> list[Path]:
+        """Drop least recently used mirrors that no job holds until the cache fits."""
+        mirrors = self.root / "mirrors"
+        entries: list[tuple[float, int, Path]] = []
+        with contextlib.suppress(OSError):
+            for path in mirrors.glob("*.git"):
+                with contextlib.suppress(OSError):
+                    entries.append((path.lstat().st_mtime, git.dir_size(path), path))
+        total = sum(size for _, size, _ in entries)
+        dropped: list[Path] = []
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if self._drop_if_idle(path):
+                total -= size
+                dropped.append(path)
+        return dropped
+
+    def _drop_if_idle(self, mirror: Path) -> bool:
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{mirror.name.removesuffix('.git')}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a job is fetching or copying from it
+            # Renamed first, so a crash half-way leaves no half mirror under a live key.
+            trash = mirror.with_name(f".trash-{secrets.token_hex(4)}")
+            try:
+                mirror.rename(trash)
+            except OSError:
+                return False
+            git.remove_tree(trash)
+            return True
+        finally:
+            os.close(fd)
+
+
+def _suspect(failed: git.CloneFailed) -> bool:
+    """True when git failed in a way that is not the server's answer (auth, missing ref,
+    size, timeout): a damaged mirror is the likely cause."""
+    return failed.message.startswith("git failed")
