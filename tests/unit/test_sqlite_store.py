@@ -98,3 +98,37 @@ def test_restart_marks_own_orphans_interrupted(tmp_path: Path) -> None:
     j1, j2 = again.get_job("j1"), again.get_job("j2")
     assert j1 is not None and j1.status is JobStatus.FAILED and j1.error_code == "interrupted"
     assert j2 is not None and j2.status is JobStatus.ACCEPTED  # another worker's job is left alone
+
+
+def test_duplicate_lookups_are_answered_from_memory(tmp_path: Path) -> None:
+    clock = FakeClock()
+    s = store(tmp_path, clock)
+    s.record_start("j1:1", "fp", SPEC)
+    s.record_cancel("c1", "fpc", CancelRequest("j1", 1))
+    statements: list[str] = []
+    s._db.set_trace_callback(statements.append)
+    start, cancel = s.lookup_delivery("j1:1"), s.lookup_delivery("c1")
+    assert start is not None and (start.fingerprint, start.type, start.job_id) == (
+        "fp",
+        "job.start",
+        "j1",
+    )
+    assert cancel is not None and (cancel.type, cancel.attempt) == ("job.cancel", 1)
+    assert statements == []  # no SQL for a delivery this process recorded
+    assert s.job_status("j1", 1) == "accepted" and s.job_status("j1", 2) is None
+    # A delivery recorded by another process is read once, then remembered.
+    other = store(tmp_path, clock, "w2")
+    other.record_start("j2:1", "fp2", JobSpec("j2", 1, "t" * 40, SPEC.repository))
+    assert s.lookup_delivery("j2:1") is not None
+    statements.clear()
+    assert s.lookup_delivery("j2:1") is not None and statements == []
+
+
+async def test_cached_job_status_follows_every_transition(tmp_path: Path) -> None:
+    s = store(tmp_path, FakeClock())
+    s.record_start("j1:1", "fp", SPEC)
+    assert s.job_status("j1", 1) == "accepted"
+    assert (await s.claim(SPEC)).ok
+    assert s.job_status("j1", 1) == str(s.get_job("j1", 1).status)  # type: ignore[union-attr]
+    await s.fail(SPEC, Failure(FailureCode.CLI_FAILED, "boom", True))
+    assert s.job_status("j1", 1) == "failed"
