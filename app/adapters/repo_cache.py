@@ -7,11 +7,14 @@ which each job's work tree is made, so a repository cloned before only downloads
 One clone through the cache (in a clone thread, under git.py's limits: timeout, size watch,
 abort, and its hardened environment: no hooks, no symlinks, http(s) only to the server):
 
-    git --git-dir <mirror> fetch --depth 1 --no-tags -- <url> <ref>     exclusive lock
-    git --git-dir <mirror> update-ref refs/cache/<sha1(ref)> <commit>   (a "have" next time)
-    git init <dest>                                                     shared lock
-    git fetch --depth 1 -- file://<mirror> <commit>
-    git checkout --detach --force FETCH_HEAD
+    exclusive lock:
+      git --git-dir <mirror> fetch --depth 1 --no-tags -- <url> +<ref>:refs/cache/<sha1(ref)>
+    shared lock:
+      git init <dest>
+      git fetch --depth 1 -- file://<mirror> <commit>
+      git checkout --detach --force FETCH_HEAD
+
+The pinned ref keeps the commit as a "have" for the next fetch of the mirror.
 
 Every job fetches from the server with its own token (passed per fetch in the environment by
 `git_env`, never written to the mirror's config), so a job never gets from the cache what the
@@ -123,6 +126,7 @@ class RepoCache:
         try:
             with self._locked(key, fcntl.LOCK_EX, limits):
                 commit, fetched = self._update(mirror, url, ref, token, limits)
+            fetched_at = time.monotonic()
             with self._locked(key, fcntl.LOCK_SH, limits):
                 commit = self._work_tree(mirror, commit, dest, limits)
         except (_Broken, OSError) as broken:
@@ -141,7 +145,11 @@ class RepoCache:
         self.evict()
         log.info(
             "cloned through the repository cache",
-            extra={"fetched_bytes": fetched, "duration_s": round(time.monotonic() - started, 3)},
+            extra={
+                "fetched_bytes": fetched,
+                "fetch_s": round(fetched_at - started, 3),
+                "duration_s": round(time.monotonic() - started, 3),
+            },
         )
         return git.CloneResult(
             commit=commit, bytes_on_disk=git.dir_size(dest), duration_s=time.monotonic() - started
@@ -176,6 +184,8 @@ class RepoCache:
             limits.ref_label,
         )
         target = "HEAD" if ref is None else ref
+        # Pinned under a ref of its own: the commit stays a "have" for the next fetch.
+        pin = f"refs/cache/{hashlib.sha1(target.encode()).hexdigest()}"  # noqa: S324 - a name
         try:
             self._git(
                 [
@@ -189,7 +199,7 @@ class RepoCache:
                     "--no-write-commit-graph",
                     "--",
                     url,
-                    target,
+                    f"+{target}:{pin}",
                 ],
                 token,
                 mirror,
@@ -200,13 +210,6 @@ class RepoCache:
                 raise _Broken("the mirror's FETCH_HEAD holds no commit")
             if git.SHA.fullmatch(target) and commit.lower() != target.lower():
                 raise git.CloneFailed(f"ref {target!r} not found")
-            pin = f"refs/cache/{hashlib.sha1(target.encode()).hexdigest()}"  # noqa: S324 - a name
-            self._git(
-                [f"--git-dir={mirror}", "update-ref", "--no-deref", pin, commit],
-                None,
-                mirror,
-                fetch_limits,
-            )
         except git.CloneFailed as failed:
             if fresh:
                 git.remove_tree(mirror)  # no empty mirror for a URL that did not clone
