@@ -38,7 +38,10 @@ def _commit(bare: Path, files: dict[str, str], message: str) -> str:
 async def _clone(
     cache: RepoCache, url: str, ref: str | None, dest: Path, token: str | None = None
 ) -> CloneResult:
-    return await clone(url, ref, dest, token=token, timeout_s=30, max_bytes=LIMIT, cache=cache)
+    """One job's clone, then (as a test) wait for a mirror filled in the background."""
+    result = await clone(url, ref, dest, token=token, timeout_s=30, max_bytes=LIMIT, cache=cache)
+    await asyncio.to_thread(cache.settle, 30)
+    return result
 
 
 def test_normalized_url_keys_one_repository_per_spelling() -> None:
@@ -53,6 +56,21 @@ def test_off_with_one_setting(tmp_path: Path) -> None:
     cache = RepoCache.from_settings(on)
     assert cache is not None and cache.root == tmp_path / "repo-cache"
     assert RepoCache.from_settings(load_settings({"REPO_CACHE_MAX_BYTES": "0"})) is None
+
+
+async def test_first_clone_is_direct_and_fills_the_mirror_after(tmp_path: Path) -> None:
+    root = tmp_path / "srv"
+    bare = make_repo(root / "demo.git", {"README.md": "# Demo\n"})
+    cache = RepoCache(tmp_path / "cache", LIMIT)
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        result = await clone(
+            url, "main", tmp_path / "a", token=None, timeout_s=30, max_bytes=LIMIT, cache=cache
+        )
+        assert result.commit == rev_parse(bare, "main")
+        assert (tmp_path / "a" / ".git" / "shallow").exists()  # git.py's own clone
+        await asyncio.to_thread(cache.settle, 30)
+    assert (cache.mirror_path(url) / "shallow").read_text().split() == [result.commit]
 
 
 async def test_second_clone_fetches_only_what_changed(tmp_path: Path) -> None:
