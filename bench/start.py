@@ -11,7 +11,9 @@ first act is to append `time.time()` and the job's output directory to a file):
 * push, today: "create" sends the signed `job.start` at once; worker without cache.
 * push, cache: the same, on a worker with the repository cache wired
   (`python -m bench.cached_worker`). "first" jobs each use a repository the cache has never
-  seen (copies of the same repository under other names); "repeated" jobs use one
+  seen (copies of the same repository under other names; after each, the benchmark waits
+  for the mirror the cache fills in the background, so no sample runs against another
+  job's fetch); "repeated" jobs use one
   repository, moved by one commit before each job (a course regenerated after a push).
 
 Latency = the CLI's stamp minus the unix time taken just before "create". The Convex leg of the
@@ -159,6 +161,10 @@ class _Poller(_Jobs):
             raise BenchError(f"poller errors: {self.errors[:3]}")
 
 
+def _count(log: Path, message: str) -> int:
+    return log.read_text(errors="replace").count(f'"msg": "{message}"')
+
+
 def _cache_lines(log: Path) -> list[dict[str, Any]]:
     out = []
     for line in log.read_text(errors="replace").splitlines():
@@ -197,11 +203,22 @@ def measure_repo(
     stamp = tmp / "b" / "stamps.txt"
     with worker(tmp / "b", stamp, cached=True) as w:
         jobs = _Jobs(w, stamp, f"{name}-cache-")
+        log = tmp / "b" / "worker.log"
+
+        def filled(count: int) -> None:
+            # Each first job's mirror fills in the background: wait, so that the next
+            # sample is not measured against that fetch (a first job alone is the question).
+            wait_for(lambda: _count(log, "repository cache filled") >= count, 60, "a mirror")
+
         jobs.push(server.url_for("warmup"))  # warm-up on another repository
-        rows["push_cache_first"] = [
-            jobs.push(server.url_for(f"{name}-first{i}")) for i in range(n_first)
-        ]
+        filled(1)
+        first = []
+        for i in range(n_first):
+            first.append(jobs.push(server.url_for(f"{name}-first{i}")))
+            filled(2 + i)
+        rows["push_cache_first"] = first
         jobs.push(url)  # the repository is now cached
+        filled(2 + n_first)
         repeated = []
         for i in range(n):
             move_by_one_commit(root / f"{name}.git", 2000 + i)

@@ -182,10 +182,19 @@ class RepoCache:
                     tuple(s for s in (token, git.basic_value(token) if token else None) if s),
                     ref or "HEAD",
                 )
+                started = time.monotonic()
                 with self._locked(key, fcntl.LOCK_EX, limits):
-                    if not limits.dest.is_dir():
-                        self._update(limits.dest, url, ref, token, limits)
+                    if limits.dest.is_dir():
+                        return  # another job filled it meanwhile
+                    _, fetched = self._update(limits.dest, url, ref, token, limits)
                 self.evict()
+                log.info(
+                    "repository cache filled",
+                    extra={
+                        "fetched_bytes": fetched,
+                        "duration_s": round(time.monotonic() - started, 3),
+                    },
+                )
             except (git.CloneFailed, _Broken, OSError) as exc:
                 # The job already has its work tree; the next one will try again.
                 log.info("repository cache not filled", extra={"error": type(exc).__name__})

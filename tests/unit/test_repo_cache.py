@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -58,7 +59,10 @@ def test_off_with_one_setting(tmp_path: Path) -> None:
     assert RepoCache.from_settings(load_settings({"REPO_CACHE_MAX_BYTES": "0"})) is None
 
 
-async def test_first_clone_is_direct_and_fills_the_mirror_after(tmp_path: Path) -> None:
+async def test_first_clone_is_direct_and_fills_the_mirror_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fondation.repo_cache")
     root = tmp_path / "srv"
     bare = make_repo(root / "demo.git", {"README.md": "# Demo\n"})
     cache = RepoCache(tmp_path / "cache", LIMIT)
@@ -71,6 +75,7 @@ async def test_first_clone_is_direct_and_fills_the_mirror_after(tmp_path: Path) 
         assert (tmp_path / "a" / ".git" / "shallow").exists()  # git.py's own clone
         await asyncio.to_thread(cache.settle, 30)
     assert (cache.mirror_path(url) / "shallow").read_text().split() == [result.commit]
+    assert [r.getMessage() for r in caplog.records] == ["repository cache filled"]
 
 
 async def test_second_clone_fetches_only_what_changed(tmp_path: Path) -> None:
