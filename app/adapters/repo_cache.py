@@ -28,8 +28,10 @@ content of the commit the job checks out; the work tree's FETCH_HEAD, which name
 is deleted. Before each fetch the mirror's own config is rewritten and its alternates, grafts
 and hooks removed, so nothing a previous job's CLI could have planted there steers git.
 
-The first job on a repository clones directly (`git.clone_sync`, as without the cache) and
-the mirror is filled by a background thread afterwards, so a first job is never slower.
+The first job on a repository clones directly (`git.clone_sync`, as without the cache) and,
+when the clone is at least `min_clone_bytes` on disk, a background thread fills the mirror
+afterwards: a first job is never slower, and small repositories, which clone faster than
+they copy out of a mirror, never get one.
 
 A mirror that fails in a way that is not the server's answer (git reports a bad object, a
 missing object, a broken repository) is dropped and the job falls back to a direct clone
@@ -91,6 +93,11 @@ class _Broken(Exception):
 class RepoCache:
     root: Path
     max_bytes: int
+    # Below this size on disk (work tree + .git) a direct clone is cheaper than fetching into
+    # a mirror and copying from it, so no mirror is kept (bench.start: a 2-file repository
+    # took 330 ms direct against 500 ms through an up-to-date mirror; a 2.7 MB work tree
+    # 1220 ms against 530 ms; on a real network the crossover is lower still).
+    min_clone_bytes: int = 1024**2
     # Mirrors being filled after a first clone (see `clone_sync`); `settle` waits for them.
     _warming: set[threading.Thread] = field(default_factory=set, repr=False, compare=False)
 
@@ -133,7 +140,8 @@ class RepoCache:
             # than without the cache (going through a new mirror costs one more local copy);
             # the mirror is filled from the server once the job has its work tree.
             result = git.clone_sync(url, ref, dest, token, timeout_s, max_bytes, abort)
-            self._warm_later(url, ref, token, timeout_s, max_bytes)
+            if result.bytes_on_disk >= self.min_clone_bytes:
+                self._warm_later(url, ref, token, timeout_s, max_bytes)
             return result
         try:
             with self._locked(key, fcntl.LOCK_EX, limits):
