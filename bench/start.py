@@ -9,6 +9,7 @@ first act is to append `time.time()` and the job's output directory to a file):
   a poller thread takes the list every 5 s and sends each job's signed `job.start`. The
   worker has no cache (today's shallow clone).
 * push, today: "create" sends the signed `job.start` at once; worker without cache.
+  Both push workers run at once and their samples alternate (today, cache, today, ...).
 * push, cache: the same, on a worker with the repository cache wired
   (`python -m bench.cached_worker`). "first" jobs each use a repository the cache has never
   seen (copies of the same repository under other names; after each, the benchmark waits
@@ -107,10 +108,12 @@ class _Jobs:
 
     def __init__(self, w: WorkerProcess, stamp: Path, prefix: str) -> None:
         self.w, self.stamp, self.prefix, self.n = w, stamp, prefix, 0
+        self.pushed: list[str] = []
 
     def push(self, url: str) -> float:
         self.n += 1
         job_id = f"{self.prefix}{self.n}"
+        self.pushed.append(job_id)
         t0 = time.time()
         r = post_job(self.w, job_id, url, ref="main")
         if r.status_code != 202:
@@ -192,50 +195,50 @@ def measure_repo(
         shutil.copytree(root / f"{name}.git", root / f"{name}-first{i}.git")
     url = server.url_for(name)
     rng = random.Random(7)
-    tmp.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[float]] = {}
-    (tmp / "a").mkdir()
-    stamp = tmp / "a" / "stamps.txt"
-    with worker(tmp / "a", stamp, cached=False) as w:
-        jobs = _Jobs(w, stamp, f"{name}-today-")
-        jobs.push(url)  # warm-up: imports, first SQLite writes
-        today = []
-        for i in range(n):
-            move_by_one_commit(root / f"{name}.git", 1000 + i)
-            today.append(jobs.push(url))
-        rows["push_today"] = today
-        poller = _Poller(w, stamp, f"{name}-poll-")
+    rows: dict[str, list[float]] = {"push_today": [], "push_cache_first": []}
+    rows["push_cache_repeated"] = []
+    for side in ("a", "b"):
+        (tmp / side).mkdir(parents=True)
+    log = tmp / "b" / "worker.log"
+    fills = 0
+    # Both workers at once, their samples alternating: the machine's drift hits both alike.
+    with (
+        worker(tmp / "a", tmp / "a" / "stamps.txt", cached=False) as wa,
+        worker(tmp / "b", tmp / "b" / "stamps.txt", cached=True) as wb,
+    ):
+        today = _Jobs(wa, tmp / "a" / "stamps.txt", f"{name}-today-")
+        cache = _Jobs(wb, tmp / "b" / "stamps.txt", f"{name}-cache-")
+
+        def filled() -> None:
+            # A first job's mirror fills in the background: wait, so that the next sample is
+            # not measured against that fetch (a first job alone is the question). `small`
+            # and the warm-up repository are below the cache's size threshold.
+            nonlocal fills
+            if cached_size:
+                fills += 1
+                wait_for(lambda: _count(log, "repository cache filled") >= fills, 60, "a mirror")
+
+        def moved() -> str:
+            move_by_one_commit(root / f"{name}.git", len(today.pushed) + len(cache.pushed))
+            return url
+
+        today.push(server.url_for("warmup"))  # imports, first SQLite writes
+        cache.push(server.url_for("warmup"))
+        for i in range(n_first):
+            rows["push_today"].append(today.push(moved()))
+            rows["push_cache_first"].append(cache.push(server.url_for(f"{name}-first{i}")))
+            filled()
+        cache.push(url)  # the repository is now cached (when above the threshold)
+        filled()
+        for _ in range(n):
+            rows["push_today"].append(today.push(moved()))
+            rows["push_cache_repeated"].append(cache.push(moved()))
+        cache_lines = _cache_lines(log)[-n:]
+        poller = _Poller(wa, tmp / "a" / "stamps.txt", f"{name}-poll-")
         try:
             rows["poll"] = [poller.create(url, rng) for _ in range(n_poll)]
         finally:
             poller.close()
-    (tmp / "b").mkdir()
-    stamp = tmp / "b" / "stamps.txt"
-    with worker(tmp / "b", stamp, cached=True) as w:
-        jobs = _Jobs(w, stamp, f"{name}-cache-")
-        log = tmp / "b" / "worker.log"
-
-        def filled(count: int) -> None:
-            # Each first job's mirror fills in the background: wait, so that the next
-            # sample is not measured against that fetch (a first job alone is the question).
-            # The warm-up repository and `small` are below the cache's size threshold.
-            if cached_size:
-                wait_for(lambda: _count(log, "repository cache filled") >= count, 60, "a mirror")
-
-        jobs.push(server.url_for("warmup"))  # warm-up on another repository
-        first = []
-        for i in range(n_first):
-            first.append(jobs.push(server.url_for(f"{name}-first{i}")))
-            filled(1 + i)
-        rows["push_cache_first"] = first
-        jobs.push(url)  # the repository is now cached (when above the threshold)
-        filled(1 + n_first)
-        repeated = []
-        for i in range(n):
-            move_by_one_commit(root / f"{name}.git", 2000 + i)
-            repeated.append(jobs.push(url))
-        rows["push_cache_repeated"] = repeated
-        cache_lines = _cache_lines(tmp / "b" / "worker.log")[-n:]
     mirrors = list((tmp / "b" / "repo-cache" / "mirrors").glob("*.git"))
     if len(mirrors) != (1 + n_first if cached_size else 0):
         raise BenchError(f"{name}: {len(mirrors)} mirrors, cached_size={cached_size}")
@@ -259,7 +262,7 @@ def measure_repo(
 
 
 def run(smoke: bool) -> list[Result]:
-    n, n_first, n_poll = (2, 1, 1) if smoke else (8, 4, 6)
+    n, n_first, n_poll = (2, 1, 1) if smoke else (8, 6, 6)
     res = Result("start")
     with bench_dir("start") as tmp:
         root = tmp / "repos"
