@@ -30,13 +30,19 @@ and hooks removed, so nothing a previous job's CLI could have planted there stee
 
 The first job on a repository clones directly (`git.clone_sync`, as without the cache) and,
 when the clone is at least `min_clone_bytes` on disk, a background thread fills the mirror
-afterwards: a first job is never slower, and small repositories, which clone faster than
-they copy out of a mirror, never get one.
+afterwards (2 s later, niced): a first job takes today's path, and small repositories, which
+clone faster than they copy out of a mirror, never get one.
 
 A mirror that fails in a way that is not the server's answer (git reports a bad object, a
 missing object, a broken repository) is dropped and the job falls back to a direct clone
 (`git.clone_sync`): the cache never fails a job. The cache is bounded by `max_bytes` (all
 mirrors); least recently used mirrors that no job holds are evicted after each clone.
+
+Not defended: the CLI runs as the worker's user, so it can find REPO_CACHE_DIR on disk. It
+can damage or delete mirrors (a later job then drops the mirror and clones directly), and
+it can read them. It cannot change the content of a commit a later job checks out, with one
+exception: racing the mirror's FETCH_HEAD between a job's fetch and its read could point
+that job at another commit present in the mirror. Running the CLI as another user closes both.
 """
 
 from __future__ import annotations
@@ -63,7 +69,6 @@ __all__ = ["RepoCache", "cache_key", "normalize_url"]
 log = logging.getLogger("fondation.repo_cache")
 
 _LOCK_POLL_S = 0.02
-_FILL_DELAY_S = 2.0
 _FILL_NICE = 10
 _CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = {bare}\n"
 # Files a hostile process could plant in a mirror to steer the next git run in it.
@@ -100,6 +105,8 @@ class RepoCache:
     # took 330 ms direct against 500 ms through an up-to-date mirror; a 2.7 MB work tree
     # 1220 ms against 530 ms; on a real network the crossover is lower still).
     min_clone_bytes: int = 1024**2
+    # The background fill waits this long (and runs niced): see `_warm_later`.
+    fill_delay_s: float = 2.0
     # Mirrors being filled after a first clone (see `clone_sync`); `settle` waits for them.
     _warming: set[threading.Thread] = field(default_factory=set, repr=False, compare=False)
 
@@ -187,7 +194,7 @@ class RepoCache:
             # thread's nice value on Linux, inherited by the git processes it starts).
             with contextlib.suppress(OSError, AttributeError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _FILL_NICE)
-            time.sleep(_FILL_DELAY_S)
+            time.sleep(self.fill_delay_s)
             try:
                 key = cache_key(url)
                 limits = git.Limits(

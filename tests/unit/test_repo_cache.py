@@ -65,7 +65,7 @@ async def test_first_clone_is_direct_and_fills_the_mirror_after(
     caplog.set_level(logging.INFO, logger="fondation.repo_cache")
     root = tmp_path / "srv"
     bare = make_repo(root / "demo.git", {"README.md": "# Demo\n"})
-    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0)
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
     with GitHttpServer(root) as server:
         url = server.url_for("demo")
         result = await clone(
@@ -82,7 +82,7 @@ async def test_a_small_repository_gets_no_mirror(tmp_path: Path) -> None:
     root = tmp_path / "srv"
     make_repo(root / "small.git", {"README.md": "# s\n"})
     make_repo(root / "big.git", {"blob.bin": os.urandom(600_000)})
-    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=500_000)
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=500_000, fill_delay_s=0)
     with GitHttpServer(root) as server:
         for name in ("small", "big"):
             for attempt in range(2):
@@ -95,7 +95,7 @@ async def test_second_clone_fetches_only_what_changed(tmp_path: Path) -> None:
     root = tmp_path / "srv"
     big = os.urandom(100_000).hex()
     bare = make_repo(root / "demo.git", {"README.md": "# Demo\n", "big.txt": big})
-    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0)
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
     with GitHttpServer(root) as server:
         url = server.url_for("demo")
         first = await _clone(cache, url, "main", tmp_path / "a")
@@ -131,7 +131,7 @@ async def test_two_concurrent_jobs_on_one_repository_with_different_refs(
         branches={"feature/x": {"feature.txt": "feature\n"}},
         tags={"v1": "release 1"},
     )
-    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0)
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
     with GitHttpServer(root) as server:
         url = server.url_for("demo")
         await _clone(cache, url, None, tmp_path / "warm")  # the mirror exists: a real race
@@ -155,12 +155,12 @@ async def test_eviction_keeps_the_cache_under_its_size_bound(tmp_path: Path) -> 
     root = tmp_path / "srv"
     for name in ("a", "b", "c"):
         make_repo(root / f"{name}.git", {"blob.bin": os.urandom(300_000).hex()})
-    probe = RepoCache(tmp_path / "probe", LIMIT, min_clone_bytes=0)
+    probe = RepoCache(tmp_path / "probe", LIMIT, min_clone_bytes=0, fill_delay_s=0)
     with GitHttpServer(root) as server:
         await _clone(probe, server.url_for("a"), None, tmp_path / "probe-wt")
         one = probe.size()
         # Room for two mirrors, not three.
-        cache = RepoCache(tmp_path / "cache", int(one * 2.5), min_clone_bytes=0)
+        cache = RepoCache(tmp_path / "cache", int(one * 2.5), min_clone_bytes=0, fill_delay_s=0)
         await _clone(cache, server.url_for("a"), None, tmp_path / "a1")
         await _clone(cache, server.url_for("b"), None, tmp_path / "b1")
         await _clone(cache, server.url_for("a"), None, tmp_path / "a2")  # a is now the newest
@@ -169,7 +169,7 @@ async def test_eviction_keeps_the_cache_under_its_size_bound(tmp_path: Path) -> 
         assert kept == {f"{cache_key(server.url_for(n))}.git" for n in ("a", "c")}
         assert cache.size() <= cache.max_bytes
         # A mirror larger than the whole bound is used once, then dropped.
-        tiny = RepoCache(tmp_path / "tiny", 1000, min_clone_bytes=0)
+        tiny = RepoCache(tmp_path / "tiny", 1000, min_clone_bytes=0, fill_delay_s=0)
         result = await _clone(tiny, server.url_for("b"), None, tmp_path / "b2")
     assert (tmp_path / "b2" / "blob.bin").stat().st_size == 600_000
     assert result.commit
@@ -182,7 +182,7 @@ async def test_a_corrupt_mirror_is_dropped_and_never_fails_the_job(
 ) -> None:
     root = tmp_path / "srv"
     bare = make_repo(root / "demo.git", {"README.md": "# Demo\n", "src/a.py": "a = 1\n"})
-    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0)
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
     with GitHttpServer(root) as server:
         url = server.url_for("demo")
         await _clone(cache, url, "main", tmp_path / "a")
@@ -214,7 +214,7 @@ async def test_a_corrupt_mirror_is_dropped_and_never_fails_the_job(
 async def test_token_reaches_the_server_but_never_the_mirror(tmp_path: Path) -> None:
     root = tmp_path / "srv"
     make_repo(root / "private.git", {"README.md": "# Private\n"})
-    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0)
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
     basic = base64.b64encode(f"x-access-token:{TOKEN}".encode())
     with GitHttpServer(root, require_token=TOKEN) as server:
         url = server.url_for("private")
@@ -241,7 +241,7 @@ async def test_what_a_cli_plants_in_the_mirror_does_not_steer_the_next_clone(
     root = tmp_path / "srv"
     make_repo(root / "demo.git", {"README.md": "# Demo\n"})
     make_repo(root / "other.git", {"SECRET.md": "other tenant\n"})
-    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0)
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
     marker = tmp_path / "hook-ran"
     with GitHttpServer(root) as server:
         url = server.url_for("demo")
