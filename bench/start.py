@@ -262,7 +262,7 @@ def measure_repo(
 
 
 def run(smoke: bool) -> list[Result]:
-    n, n_first, n_poll = (2, 1, 1) if smoke else (8, 6, 6)
+    n, n_first, n_poll = (1, 1, 1) if smoke else (8, 6, 6)
     res = Result("start")
     with bench_dir("start") as tmp:
         root = tmp / "repos"
@@ -272,9 +272,9 @@ def run(smoke: bool) -> list[Result]:
         res.add("medium_work_tree_bytes", sum(len(v) for v in medium_files().values()))
         with GitHttpServer(root) as server:
             counts = (n, n_first, n_poll)
-            small = measure_repo(res, tmp / "small", server, "small", counts, cached_size=False)
+            if not smoke:  # the smoke run checks the cached path only
+                measure_repo(res, tmp / "small", server, "small", counts, cached_size=False)
             medium = measure_repo(res, tmp / "medium", server, "medium", counts, cached_size=True)
-    del small
     ratio = medium["poll"] / medium["push_cache_repeated"]
     res.set_ratio("medium_ratio_poll_over_cache_repeated", ratio, f">= {GOAL:g}", ratio >= GOAL)
     return [res]
