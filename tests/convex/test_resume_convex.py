@@ -78,9 +78,16 @@ def start_worker(
     return w.start()
 
 
-def make(root: Path, name: str, record: Path, **sw: Any) -> Path:
+def make(root: Path, name: str, record: Path, files: dict[str, str] = FILES, **sw: Any) -> Path:
     config = {"record_file": str(record), **sw}
-    return make_repo(root / f"{name}.git", {**FILES, ".fondation-sim.json": json.dumps(config)})
+    return make_repo(root / f"{name}.git", {**files, ".fondation-sim.json": json.dumps(config)})
+
+
+# Three chapters, two of them reviewed (1 and 3), 4 s apart: a review is kept in the checkpoint
+# (unchanged for 2 s, seen on a heartbeat tick) about 2.5 s after it is written, so the kill can
+# land after the first review is kept and before the second is written.
+FILES3 = dict(list(FILES.items())[:3])
+SLOW_CHAPTER_S = 4.0
 
 
 def host_doc_slugs(bridge: ConvexBridge, run_id: str) -> set[str]:
@@ -112,12 +119,13 @@ def test_sigkill_in_step_5_resumes_on_the_next_attempt(
 ) -> None:
     """Must show 1 and 4: the host sees step 1's YAML while step 4 runs; after a SIGKILL in
     step 5 the component re-dispatches on lease expiry, attempt 2 runs only
-    review-chapters,generate-tutorials, reviews none of the chapters kept before the kill, and
+    review-chapters,generate-tutorials, reviews no chapter reviewed before the kill again, and
     ends with the docs of an uninterrupted run; the run records the commit."""
     root, server = repos
     b, port = bridge
     record = tmp_path / "record.jsonl"
-    bare = make(root, "kill", record, chapter_delay_s=1.5)
+    bare = make(root, "kill", record, FILES3, chapter_delay_s=SLOW_CHAPTER_S)
+    make(root, "kill-ref", tmp_path / "ref.jsonl", FILES3)  # same course, no delays
     url = server.url_for("kill")
     first = start_worker(tmp_path, b, port, "first")
     try:
@@ -125,17 +133,18 @@ def test_sigkill_in_step_5_resumes_on_the_next_attempt(
         until(lambda: any(written(r, "generate-chapters") for r in runs(record)), "step 4")
         assert "step1-abstractions" in host_doc_slugs(b, run_id)
         assert not any(e.get("step") == "review-chapters" for e in runs(record)[0])  # step 4 runs
-        until(
-            lambda: any(p.startswith("reviewed-chapters/") for p in checkpoint_paths(b)),
-            "a review kept",
-        )
-        kept = {p for p in checkpoint_paths(b) if p.startswith("reviewed-chapters/")}
+
+        def every_review_kept() -> bool:
+            reviewed = set(written(runs(record)[0], "review-chapters"))
+            return bool(reviewed) and reviewed <= checkpoint_paths(b)
+
+        until(every_review_kept, "a review kept", timeout_s=90)
         first.signal(signal.SIGKILL)
         first.wait(timeout_s=10)
     finally:
         first.kill()
+    kept = {p for p in checkpoint_paths(b) if p.startswith("reviewed-chapters/")}
     reviewed_before = set(written(runs(record)[0], "review-chapters"))
-    assert kept <= reviewed_before and len(reviewed_before) < 4
     second = start_worker(tmp_path, b, port, "second")
     try:
         job = b.wait_job(run_id, {"completed", "failed", "dead"}, timeout_s=90)
@@ -144,9 +153,14 @@ def test_sigkill_in_step_5_resumes_on_the_next_attempt(
         resumed = runs(record)[1]
         assert resumed[0]["steps"] == ["review-chapters", "generate-tutorials"]
         again = set(written(resumed, "review-chapters"))
-        assert not again & kept
-        assert len(again & reviewed_before) <= 1  # only one written within the settle time
-        assert final_docs(b, run_id) == uninterrupted(b, url)
+        print(
+            f"FIGURES convex sigkill in step 5: reviewed before the kill {len(reviewed_before)}, "
+            f"kept in the checkpoint {len(kept)}, reviewed again {len(again & reviewed_before)}, "
+            f"reviewed by attempt 2 {len(again)}, attempt 2 ran {resumed[0]['steps']}"
+        )
+        assert reviewed_before and not again & reviewed_before
+        assert again  # the review left to do was done
+        assert final_docs(b, run_id) == uninterrupted(b, server.url_for("kill-ref"))
         until(lambda: not b.component_table("checkpointFiles"), "checkpoint dropped")
     finally:
         second.stop()

@@ -286,28 +286,30 @@ def test_sigkill_in_step_5_keeps_the_chapters_reviewed_before_it(
     tmp_path: Path, repos: tuple[Path, GitHttpServer]
 ) -> None:
     """SIGKILL: nothing is flushed at the end, so what survives is what was uploaded while
-    step 5 ran (files that settled on heartbeat ticks). Attempt 2 reviews none of those again;
-    only a chapter written within the settle time before the kill may be."""
+    step 5 ran: files unchanged for 2 s, seen on a heartbeat tick (about 2.5 s after they are
+    written). Killed once every review so far is kept, attempt 2 reviews none of them again."""
     root, server = repos
     record = tmp_path / "record.jsonl"
-    make(root, "kill", record, chapter_delay_s=1.5)
+    # Three chapters, reviews of 1 and 3, 4 s apart: the kill lands between the two.
+    make(root, "kill", record, dict(list(FILES.items())[:3]), chapter_delay_s=4.0)
     url = server.url_for("kill")
     first = worker(tmp_path, "first")
     kept: set[str] = set()
     try:
         start(first, "kill", url)
 
-        def a_review_is_kept() -> bool:
+        def every_review_kept() -> bool:
             docs = get(first, "/v1/jobs/kill/docs")["docs"]
+            kept.clear()
             kept.update(d["path"] for d in docs if d["path"].startswith("reviewed-chapters/"))
-            return bool(kept)
+            reviewed = set(written(runs(record)[0], "review-chapters")) if runs(record) else set()
+            return bool(reviewed) and reviewed <= kept
 
-        assert wait_for(a_review_is_kept, 60, interval_s=0.2)
+        assert wait_for(every_review_kept, 90, interval_s=0.2)
         first.kill()
     finally:
         first.kill()
     reviewed_before = set(written(runs(record)[0], "review-chapters"))
-    assert kept <= reviewed_before and len(reviewed_before) < 4
     second = worker(tmp_path, "second")
     try:
         start(second, "kill", url, attempt=2)
@@ -316,7 +318,11 @@ def test_sigkill_in_step_5_keeps_the_chapters_reviewed_before_it(
         resumed = runs(record)[1]
         assert resumed[0]["steps"] == ["review-chapters", "generate-tutorials"]
         again = set(written(resumed, "review-chapters"))
-        assert not again & kept
-        assert len(again & reviewed_before) <= 1, again
+        print(
+            f"FIGURES embedded sigkill in step 5: reviewed before the kill {len(reviewed_before)}, "
+            f"kept in the checkpoint {len(kept)}, reviewed again {len(again & reviewed_before)}"
+        )
+        assert reviewed_before and not again & reviewed_before
+        assert again  # the review left to do was done
     finally:
         second.stop()
