@@ -152,4 +152,24 @@ describe("resume", () => {
     expect((await run(t, runId)).checkpoint).toBeUndefined();
     expect(await table(t, "checkpointFiles")).toEqual([]);
   });
+
+  it("drops the checkpoint when the run ends without another attempt", async () => {
+    const t = newT();
+    const worker = fakeWorker();
+    const { runId } = await createJob(t);
+    const c = creds(worker, runId);
+    await t.mutation(api.fondation.claim, c);
+    await t.mutation(api.fondation.putDocs, {
+      ...c,
+      docs: [file("step1_abstractions.yaml")],
+      partial: true,
+      commit: SHA,
+      endedStep: "extract",
+    });
+    expect(await table(t, "checkpointFiles")).toHaveLength(1);
+    await t.mutation(api.fondation.fail, { ...c, code: "output_invalid", message: "bad", retryable: false });
+    await settle(t);
+    expect((await run(t, runId)).checkpoint).toBeUndefined();
+    expect(await table(t, "checkpointFiles")).toEqual([]);
+  });
 });

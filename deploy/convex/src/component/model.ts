@@ -187,7 +187,12 @@ export async function finishRun(
     message,
     finishedAt: now,
     updatedAt: now,
+    // No attempt follows: the checkpoint's files go, in the background.
+    checkpoint: undefined,
   });
+  if (run.checkpoint !== undefined) {
+    await ctx.scheduler.runAfter(0, internal.docs.dropCheckpoint, { runId: run._id });
+  }
   if (lease !== null && lease.leaseUntil !== undefined) await ctx.db.patch(lease._id, { leaseUntil: undefined });
   await emit(ctx, run, { kind: "finished", status, error });
   await kick(ctx);
