@@ -2,14 +2,14 @@
 
 The runner owns what is the same for every phase: the stop request is checked before each
 phase and raced against it (except the CLI's, which stops its own process group), each phase
-is announced and timed under its name (`step_duration_s`: clone, cli, gather, upload), and a
-phase's `JobFailure` ends the sequence. `decide_outcome` then says what happened and
-`send_final` reports it, shielded from a late cancellation.
+is announced and timed under its name (`step_duration_s`: clone, restore, cli, gather,
+upload), and a phase's `JobFailure` ends the sequence. `decide_outcome` then says what
+happened and `send_final` reports it, shielded from a late cancellation.
 
     clone -> restore_checkpoint -> run_cli -> collect -> upload
 
-`restore_checkpoint` follows the clone because it needs the commit; with no checkpoint it only
-says so. A resumed attempt's clone is pinned to the checkpoint's commit."""
+`restore_checkpoint` follows the clone because it needs the commit; without a checkpoint it
+writes nothing. A resumed attempt's clone is pinned to the checkpoint's commit."""
 
 from __future__ import annotations
 
