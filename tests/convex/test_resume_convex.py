@@ -218,5 +218,19 @@ def test_cli_failed_at_step_3_resumes_at_step_3(
         first, second = runs(record)
         assert first[0]["steps"] == list(STEP_NAMES) and second[0]["steps"] == list(STEP_NAMES[2:])
         assert job["currentStep"] == 6 and job["totalSteps"] == 6
+        # Attempt 2's reports start at step 3 (promised by the checkpoint from the claim on)
+        # and never go back.
+        steps = [
+            c["args"]["currentStep"]
+            for c in b.calls()
+            if c["path"] == "fondation:progress" and c["args"]["attempt"] == 2
+        ]
+        assert steps and min(steps) == 3 and steps == sorted(steps), steps
+        commits = {
+            c["args"].get("commit")
+            for c in b.calls()
+            if c["path"] == "fondation:progress" and c["args"]["status"] == "analyzing"
+        }
+        assert commits == {job["commit"]} and job["commit"]
     finally:
         w.stop()
