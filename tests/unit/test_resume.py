@@ -400,6 +400,9 @@ async def test_a_board_retry_resumes(tmp_path: Path) -> None:
     assert retry is not None and retry.attempt == 2
     claim = await store.claim(retry)
     assert claim.ok and claim.checkpoint is not None and claim.checkpoint.commit == SHA
+    # The board shows what the job has so far while the retry runs.
+    detail = board.job("j1")
+    assert detail is not None and [d.slug for d in detail.docs] == ["step1-abstractions"]
 
 
 def test_old_databases_get_the_commit_column(tmp_path: Path) -> None:
