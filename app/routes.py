@@ -17,10 +17,11 @@ from app.adapters.sqlite_store import Delivery, JobView, SqliteJobStore
 from app.clock import Clock
 from app.config import Settings
 from app.domain import CancelRequest, JobSpec, JobStatus
-from app.errors import PayloadError, SignatureError
+from app.errors import BadJsonError, MediaTypeError, PayloadError, SignatureError
+from app.intake import open_message
 from app.jobs import JobManager, NoSlotError
 from app.metrics import Metrics
-from app.payload import JOB_START, decode_json, parse_envelope
+from app.payload import JOB_START
 from app.signing import Verifier
 from app.urlpolicy import Resolver
 
@@ -100,15 +101,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _is_json(content_type: str | None) -> bool:
-    if not content_type:
-        return False
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json")
-    )
-
-
 def _duplicate(services: Services, delivery: Delivery, fingerprint: str) -> JSONResponse:
     if delivery.fingerprint != fingerprint:
         raise Problem(
@@ -141,21 +133,18 @@ async def _handle_webhook(request: Request, services: Services) -> tuple[str, st
     """Returns (event type, outcome, response)."""
     body = await _read_body(request, services.settings.max_body_bytes)
     try:
-        webhook_id = services.verifier.verify(request.headers, body, now_s=services.clock.now())
+        envelope = open_message(
+            services.verifier, request.headers, body, now_s=services.clock.now()
+        )
     except SignatureError as exc:
         raise Problem(401, "invalid-signature", "Unauthorized", exc.reason) from None
-    if not _is_json(request.headers.get("content-type")):
-        raise Problem(
-            415, "unsupported-media-type", "Unsupported Media Type", "Content-Type must be JSON"
-        )
-    try:
-        doc = decode_json(body)
-    except ValueError:
-        raise Problem(400, "bad-json", "Bad Request", "the body is not valid JSON") from None
-    try:
-        envelope = parse_envelope(webhook_id, doc, body)
+    except MediaTypeError as exc:
+        raise Problem(415, "unsupported-media-type", "Unsupported Media Type", str(exc)) from None
+    except BadJsonError as exc:
+        raise Problem(400, "bad-json", "Bad Request", str(exc)) from None
     except PayloadError as exc:
         raise Problem(422, "invalid-payload", "Unprocessable Content", str(exc)) from None
+    webhook_id = envelope.webhook_id
     store, manager = services.store, services.manager
 
     existing = store.lookup_delivery(webhook_id)
