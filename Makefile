@@ -23,7 +23,8 @@ $(DEV_SECRET):
 	$(PY) -c 'import base64,secrets;print("whsec_"+base64.b64encode(secrets.token_bytes(32)).decode())' > $@
 	chmod 600 $@
 
-## Run the worker on the embedded default (SQLite under ./var, no account anywhere).
+## Run the worker on the embedded default (SQLite under ./var, no account anywhere), on
+## 127.0.0.1: HOST=0.0.0.0 make run exposes the job API and docs to the network.
 ## Uses the real `fondation` CLI when it is installed, else the bundled simulator.
 run: $(STAMP) $(DEV_SECRET)
 	@if command -v fondation >/dev/null 2>&1; then \
@@ -36,7 +37,8 @@ run: $(STAMP) $(DEV_SECRET)
 	fi; \
 	export WEBHOOK_SECRETS="$${WEBHOOK_SECRETS:-$$(cat $(DEV_SECRET))}"; \
 	export PATH="$(CURDIR)/$(BIN):$$PATH"; \
-	echo "worker on http://127.0.0.1:$${PORT:-8080}; send a job with: make submit REPO=https://github.com/owner/repo.git"; \
+	export HOST="$${HOST:-127.0.0.1}"; \
+	echo "worker on http://$${HOST}:$${PORT:-8080}; send a job with: make submit REPO=https://github.com/owner/repo.git"; \
 	exec $(BIN)/fondation-worker serve
 
 ## Send a signed job.start for REPO to the worker started by `make run`, and follow it.

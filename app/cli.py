@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model option passed to the CLI")
     s.add_argument("--no-follow", action="store_true", help="print the job id and exit")
     s.add_argument("--timeout-s", type=float, default=7200.0, help="how long to follow")
+    s.add_argument(
+        "--token",
+        default=os.environ.get("BOARD_API_TOKEN"),
+        help="bearer token for the job API beyond loopback (default: $BOARD_API_TOKEN)",
+    )
     return p
 
 
@@ -65,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             secret=secret_from_env(env),
             job_id=args.job_id or new_job_id(),
             model=args.model,
+            api_token=args.token or None,
         )
         return run_submit(req, follow_job=not args.no_follow, timeout_s=args.timeout_s)
     except SubmitError as exc:

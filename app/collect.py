@@ -45,10 +45,21 @@ form of the file name (``Chapter 3: core api``); yaml docs are "Abstractions",
 "Relationships" and "Chapter order".
 
 Content is decoded as UTF-8; invalid bytes are REPLACED with U+FFFD (one bad byte in an
-LLM-written chapter should not sink the whole course). Failures, all
-``JobFailure("output_invalid")``: a file larger than ``max_doc_bytes`` (checked on disk, and
-again on the re-encoded text), a symlink or path that resolves outside ``output_dir`` (the CLI
-runs on untrusted repositories), a missing output directory, and no docs at all.
+LLM-written chapter should not sink the whole course), then passed through ``scrub`` (the
+worker's log redactor: a secret the CLI found never reaches a doc).
+
+The output is hostile (the CLI runs on untrusted repositories). Each file is checked with
+``lstat`` before it is opened, and opened ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO or device never
+blocks the reader); ``fstat`` must then show the same regular file. Failures, all
+``JobFailure("output_invalid")``: a special file under a doc's name, a file with more than one
+link (a hard link can reach a file outside the output), a file larger than ``max_doc_bytes``
+(checked on disk, and again on the re-encoded text), a symlink or path that resolves outside
+``output_dir``, more than ``max_docs`` docs or more than ``max_total_bytes`` in all, a missing
+output directory, and no docs at all.
+
+Collection is two steps so that the course is never held in memory at once: `plan_docs`
+lists, checks and orders the files (metadata only, linear in their number), and `read_doc`
+reads one planned doc; `collect_docs` does both for callers that want a list.
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +87,11 @@ ORDER_FILE = "step3_order.yaml"
 _CHAPTER = re.compile(r"^(?:reviewed_)?chapter_(\d{1,9})(?:_(.*))?\.md$", re.IGNORECASE)
 _TUTORIAL = re.compile(r"^tutorial_(\d{1,9})(?:_(.*))?\.md$", re.IGNORECASE)
 _MAX_ORDER_BYTES = 1_000_000
+MAX_DOCS = 1000
+"""A course has a few yaml files and tens of chapters; thousands of files are not a course."""
+MAX_TOTAL_BYTES = 64 * 1024 * 1024
+"""All docs of one job together (each is also capped by ``max_doc_bytes``)."""
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def _fail(message: str) -> JobFailure:
@@ -99,6 +117,7 @@ class _File:
     name: str  # file name as listed
     idx: int
     stem_name: str  # the <name> part, as in the file name
+    norm: str  # normalize_name(stem_name), computed once
 
 
 class _Reader:
@@ -116,16 +135,35 @@ class _Reader:
             raise _fail(f"{label}: points outside the output directory")
         return resolved
 
+    def check_file(self, resolved: Path, label: str, limit: int) -> os.stat_result:
+        """`lstat` of a resolved path: a regular file with one link, within `limit` bytes."""
+        try:
+            info = os.lstat(resolved)
+        except OSError as exc:
+            raise _fail(f"{label}: cannot stat ({exc.strerror})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise _fail(f"{label}: not a regular file")
+        if info.st_nlink > 1:
+            raise _fail(f"{label}: has {info.st_nlink} hard links; only single-link files are read")
+        if info.st_size > limit:
+            raise _fail(f"{label}: {info.st_size} bytes, over the limit of {limit} bytes")
+        return info
+
     def read_bytes(self, path: Path, label: str, limit: int) -> bytes:
         resolved = self.inside(path, label)
+        before = self.check_file(resolved, label, limit)
         try:
-            fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(resolved, _OPEN_FLAGS)
         except OSError as exc:
             raise _fail(f"{label}: cannot open ({exc.strerror})") from None
         with os.fdopen(fd, "rb") as fh:
             info = os.fstat(fh.fileno())
+            if (info.st_dev, info.st_ino) != (before.st_dev, before.st_ino):
+                raise _fail(f"{label}: changed while being read")
             if not stat.S_ISREG(info.st_mode):
                 raise _fail(f"{label}: not a regular file")
+            if info.st_nlink > 1:
+                raise _fail(f"{label}: has {info.st_nlink} hard links")
             if info.st_size > limit:
                 raise _fail(f"{label}: {info.st_size} bytes, over the limit of {limit} bytes")
             data = fh.read(limit + 1)
@@ -143,23 +181,35 @@ class _Reader:
             )
         return text
 
-    def list_dir(self, name: str, pattern: re.Pattern[str]) -> list[_File]:
+    def list_dir(self, name: str, pattern: re.Pattern[str], max_files: int) -> list[_File]:
+        """The files of `name/` matching `pattern`, by name; more than `max_files` fails."""
         directory = self.root / name
         if not os.path.lexists(directory):
             return []
         resolved_dir = self.inside(directory, name + "/")
         if not resolved_dir.is_dir():
             return []
+        matched: list[tuple[str, re.Match[str]]] = []
+        with os.scandir(resolved_dir) as entries:
+            for entry in entries:
+                match = pattern.match(entry.name)
+                if match is None:
+                    continue
+                matched.append((entry.name, match))
+                if len(matched) > max_files:
+                    raise _fail(f"{name}/: more than {max_files} docs")
         found: list[_File] = []
-        for entry in sorted(resolved_dir.iterdir(), key=lambda p: p.name):
-            match = pattern.match(entry.name)
-            if match is None:
+        for entry_name, match in sorted(matched, key=lambda m: m[0]):
+            label = f"{name}/{entry_name}"
+            resolved = self.inside(resolved_dir / entry_name, label)
+            try:
+                mode = os.lstat(resolved).st_mode
+            except OSError:
                 continue
-            label = f"{name}/{entry.name}"
-            resolved = self.inside(entry, label)
-            if not resolved.is_file():
-                continue
-            found.append(_File(resolved, entry.name, int(match[1]), match[2] or ""))
+            if not stat.S_ISREG(mode):
+                continue  # a directory, FIFO or device under a chapter's name is not a chapter
+            stem = match[2] or ""
+            found.append(_File(resolved, entry_name, int(match[1]), stem, normalize_name(stem)))
         return found
 
 
@@ -215,21 +265,34 @@ def _parse_order(data: Any) -> list[tuple[str | None, int | None]] | None:
 def _order_chapters(
     chapters: list[_File], order: list[tuple[str | None, int | None]] | None
 ) -> list[_File]:
+    """Chapters in reading order; linear in chapters + order entries (each entry takes the
+    first chapter not yet taken with its name, else with its index, in file-idx order)."""
     by_idx = sorted(chapters, key=lambda f: (f.idx, f.name))
     if order is None:
         return by_idx
-    remaining = list(by_idx)
+    named: dict[str, deque[int]] = {}
+    indexed: dict[int, deque[int]] = {}
+    for pos, f in enumerate(by_idx):
+        named.setdefault(f.norm, deque()).append(pos)
+        indexed.setdefault(f.idx, deque()).append(pos)
+    taken = [False] * len(by_idx)
+
+    def first_free(queue: deque[int] | None) -> int | None:
+        while queue:
+            pos = queue.popleft()
+            if not taken[pos]:
+                return pos
+        return None
+
     ordered: list[_File] = []
     for norm, idx in order:
-        pick = None
-        if norm is not None:
-            pick = next((f for f in remaining if normalize_name(f.stem_name) == norm), None)
+        pick = first_free(named.get(norm)) if norm is not None else None
         if pick is None and idx is not None:
-            pick = next((f for f in remaining if f.idx == idx), None)
+            pick = first_free(indexed.get(idx))
         if pick is not None:
-            remaining.remove(pick)
-            ordered.append(pick)
-    return ordered + remaining
+            taken[pick] = True
+            ordered.append(by_idx[pick])
+    return ordered + [f for pos, f in enumerate(by_idx) if not taken[pos]]
 
 
 def read_order(
@@ -248,14 +311,34 @@ def read_order(
     return _parse_order(parsed)
 
 
-def collect_docs(output_dir: Path, *, max_doc_bytes: int) -> list[Doc]:
-    """All docs of one CLI run, in upload order (see the module doc for every rule)."""
+@dataclass(frozen=True, slots=True)
+class PlannedDoc:
+    """One doc to read: where, under which slug and position, and its fallback title."""
+
+    path: Path  # resolved, inside the output dir
+    label: str  # the path as listed, for messages
+    slug: str
+    kind: DocKind
+    chapter_index: int | None
+    title: str  # yaml docs: the fixed title; Markdown: used when the file has no `# ` heading
+    size: int  # bytes on disk when planned
+
+
+def plan_docs(
+    output_dir: Path,
+    *,
+    max_doc_bytes: int,
+    max_docs: int = MAX_DOCS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+) -> tuple[PlannedDoc, ...]:
+    """Every doc of one CLI run, in upload order, checked but not read (see the module doc)."""
     if not output_dir.is_dir():
         raise _fail(f"output directory {output_dir.name!r} does not exist")
     root = output_dir.resolve()
     reader = _Reader(root, max_doc_bytes)
-    docs: list[Doc] = []
     used: set[str] = set()
+    planned: list[PlannedDoc] = []
+    total = 0
 
     def unique(slug: str) -> str:
         candidate, n = slug, 1
@@ -265,21 +348,29 @@ def collect_docs(output_dir: Path, *, max_doc_bytes: int) -> list[Doc]:
         used.add(candidate)
         return candidate
 
+    def add(path: Path, label: str, slug: str, kind: DocKind, pos: int | None, title: str) -> None:
+        nonlocal total
+        if len(planned) >= max_docs:
+            raise _fail(f"more than {max_docs} docs")
+        resolved = reader.inside(path, label)
+        size = reader.check_file(resolved, label, max_doc_bytes).st_size
+        total += size
+        if total > max_total_bytes:
+            raise _fail(f"the docs are over the total limit of {max_total_bytes} bytes")
+        planned.append(PlannedDoc(resolved, label, unique(slug), kind, pos, title, size))
+
     for file_name, title in YAML_FILES:
         path = root / file_name
-        if not os.path.lexists(path):
-            continue
-        content = reader.read_text(path, file_name)
-        docs.append(Doc(unique(slugify(file_name)), title, DocKind.YAML, None, content))
+        if os.path.lexists(path):
+            add(path, file_name, slugify(file_name), DocKind.YAML, None, title)
 
-    drafts = reader.list_dir("chapters", _CHAPTER)
+    drafts = reader.list_dir("chapters", _CHAPTER, max_docs)
     reviewed = {
-        (f.idx, normalize_name(f.stem_name)): f
-        for f in reader.list_dir("reviewed-chapters", _CHAPTER)
+        (f.idx, f.norm): f for f in reader.list_dir("reviewed-chapters", _CHAPTER, max_docs)
     }
     chapters: list[_File] = []
     for draft in drafts:
-        chapters.append(reviewed.pop((draft.idx, normalize_name(draft.stem_name)), draft))
+        chapters.append(reviewed.pop((draft.idx, draft.norm), draft))
     chapters.extend(reviewed.values())  # reviewed without a draft still count
 
     order = None
@@ -289,32 +380,68 @@ def collect_docs(output_dir: Path, *, max_doc_bytes: int) -> list[Doc]:
         except JobFailure:
             order = None
     for position, f in enumerate(_order_chapters(chapters, order), start=1):
+        slug = slugify(re.sub(r"^reviewed_", "", f.name, flags=re.IGNORECASE))
         label = f"{f.path.parent.name}/{f.name}"
-        content = reader.read_text(f.path, label)
-        slug_source = re.sub(r"^reviewed_", "", f.name, flags=re.IGNORECASE)
-        docs.append(
-            Doc(
-                unique(slugify(slug_source)),
-                _title(content, _readable("Chapter", f)),
-                DocKind.CHAPTER,
-                position,
-                content,
-            )
-        )
+        add(f.path, label, slug, DocKind.CHAPTER, position, _readable("Chapter", f))
 
-    tutorials = sorted(reader.list_dir("tutorials", _TUTORIAL), key=lambda f: (f.idx, f.name))
+    tutorials = reader.list_dir("tutorials", _TUTORIAL, max_docs)
+    tutorials.sort(key=lambda f: (f.idx, f.name))
     for position, f in enumerate(tutorials, start=1):
-        content = reader.read_text(f.path, f"tutorials/{f.name}")
-        docs.append(
-            Doc(
-                unique(slugify(f.name)),
-                _title(content, _readable("Tutorial", f)),
-                DocKind.TUTORIAL,
-                position,
-                content,
-            )
-        )
+        label = f"tutorials/{f.name}"
+        add(f.path, label, slugify(f.name), DocKind.TUTORIAL, position, _readable("Tutorial", f))
 
-    if not docs:
+    if not planned:
         raise _fail("the CLI produced no docs (no step*.yaml, chapters or tutorials)")
-    return docs
+    return tuple(planned)
+
+
+def _keep(text: str) -> str:
+    return text
+
+
+def read_doc(
+    planned: PlannedDoc, *, max_doc_bytes: int, scrub: Callable[[str], str] = _keep
+) -> Doc:
+    """Read one planned doc (checked again: the file may have changed since it was planned)."""
+    reader = _Reader(planned.path.parent, max_doc_bytes)
+    content = scrub(reader.read_text(planned.path, planned.label))
+    title = planned.title
+    if planned.kind is not DocKind.YAML:
+        title = scrub(_title(content, title))
+    return Doc(planned.slug, title, planned.kind, planned.chapter_index, content)
+
+
+def read_docs(
+    plan: Iterable[PlannedDoc],
+    *,
+    max_doc_bytes: int,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    scrub: Callable[[str], str] = _keep,
+) -> Iterator[Doc]:
+    """The planned docs, read one at a time, the total bounded again as read."""
+    total = 0
+    for planned in plan:
+        doc = read_doc(planned, max_doc_bytes=max_doc_bytes, scrub=scrub)
+        total += len(doc.content.encode("utf-8"))
+        if total > max_total_bytes:
+            raise _fail(f"the docs are over the total limit of {max_total_bytes} bytes")
+        yield doc
+
+
+def collect_docs(
+    output_dir: Path,
+    *,
+    max_doc_bytes: int,
+    max_docs: int = MAX_DOCS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    scrub: Callable[[str], str] = _keep,
+) -> list[Doc]:
+    """All docs of one CLI run, in upload order, read into memory (tests and tools; the
+    worker reads them as it uploads, see `app.pipeline.upload`)."""
+    plan = plan_docs(
+        output_dir, max_doc_bytes=max_doc_bytes, max_docs=max_docs, max_total_bytes=max_total_bytes
+    )
+    docs = read_docs(
+        plan, max_doc_bytes=max_doc_bytes, max_total_bytes=max_total_bytes, scrub=scrub
+    )
+    return list(docs)

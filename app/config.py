@@ -34,7 +34,8 @@ DEFAULT_CLI_ENV = (
     "CLAUDE_CODE_USE_BEDROCK",
     "CLAUDE_CODE_USE_VERTEX",
 )
-DENIED_ENV_PREFIXES = ("SCW_", "WEBHOOK_", "CONVEX_", "COCKPIT_", "OTEL_EXPORTER_")
+DENIED_ENV_PREFIXES = ("SCW_", "WEBHOOK_", "CONVEX_", "COCKPIT_", "OTEL_EXPORTER_", "BOARD_")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 T = TypeVar("T")
 
@@ -51,6 +52,7 @@ class Settings:
     allow_insecure_git: bool = False
     allow_private_networks: bool = False
     dedupe_ttl_s: int = DEDUPE_MIN_S
+    job_retention_s: float = 7 * 24 * 3600.0
     data_dir: Path = Path("var")
     work_dir: Path = Path("var/work")
     convex_url: str | None = None
@@ -61,10 +63,12 @@ class Settings:
     shutdown_grace_s: float = 20.0
     clone_timeout_s: float = 600.0
     clone_max_bytes: int = 2 * 1024**3
+    clone_max_files: int = 200_000
     max_doc_bytes: int = 800_000
     retry_after_s: int = 5
+    max_event_streams: int = 32
     worker_id: str = "worker"
-    host: str = "0.0.0.0"  # noqa: S104 - a container must listen on all interfaces
+    host: str = "127.0.0.1"  # see load_settings: all interfaces only when asked, or with Convex
     port: int = 8080
     log_level: str = "INFO"
     cli_env_passthrough: tuple[str, ...] = ()
@@ -73,6 +77,19 @@ class Settings:
     cockpit_token: str | None = field(default=None, repr=False)
     metrics_push_interval_s: float = 60.0
     lease_s: float = 60.0
+    # The operator board (app/board): off unless a password (plain or hashed) is set.
+    board_password: str | None = field(default=None, repr=False)
+    board_password_hash: str | None = field(default=None, repr=False)
+    board_session_secret: str | None = field(default=None, repr=False)
+    board_session_ttl_s: int = 8 * 3600
+    board_api_token: str | None = field(default=None, repr=False)
+    board_secret: str | None = field(default=None, repr=False)  # shared with Convex
+    board_secure_cookie: bool | None = None  # None: Secure unless on loopback
+
+    @property
+    def on_loopback(self) -> bool:
+        """True when the worker listens on loopback only (local development)."""
+        return self.host.lower().strip("[]") in LOOPBACK_HOSTS
 
     @property
     def embedded(self) -> bool:
@@ -85,7 +102,14 @@ class Settings:
 
     def secret_values(self) -> tuple[str, ...]:
         """Every secret the worker holds, for redaction checks."""
-        return (*self.webhook_secrets, *((self.cockpit_token,) if self.cockpit_token else ()))
+        optional = (
+            self.cockpit_token,
+            self.board_password,
+            self.board_session_secret,
+            self.board_api_token,
+            self.board_secret,
+        )
+        return (*self.webhook_secrets, *(value for value in optional if value))
 
 
 def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
@@ -121,6 +145,13 @@ def _positive(parse: Callable[[str], T]) -> Callable[[str], T]:
     return inner
 
 
+def _default_host(convex_url: str | None) -> str:
+    """Loopback in embedded mode: its job API serves every job and doc without
+    authentication, so listening wider takes an explicit `HOST`. With Convex the worker is
+    the deployed container, reached through its public endpoint."""
+    return "127.0.0.1" if convex_url is None else "0.0.0.0"  # noqa: S104
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from an environment mapping; raises `ConfigError` on a bad value."""
     # Absolute at once: git and the CLI run in other working directories.
@@ -143,6 +174,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         allow_insecure_git=_get(env, "ALLOW_INSECURE_GIT", False, _bool),
         allow_private_networks=_get(env, "ALLOW_PRIVATE_NETWORKS", False, _bool),
         dedupe_ttl_s=max(DEDUPE_MIN_S, _get(env, "DEDUPE_TTL_S", DEDUPE_MIN_S, _positive(int))),
+        job_retention_s=_get(env, "JOB_RETENTION_S", 7 * 24 * 3600.0, _positive(float)),
         data_dir=data_dir,
         work_dir=_get(env, "WORK_DIR", data_dir / "work", Path).absolute(),
         convex_url=convex_url,
@@ -153,10 +185,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         shutdown_grace_s=_get(env, "SHUTDOWN_GRACE_S", 20.0, _positive(float)),
         clone_timeout_s=_get(env, "CLONE_TIMEOUT_S", 600.0, _positive(float)),
         clone_max_bytes=_get(env, "CLONE_MAX_BYTES", 2 * 1024**3, _positive(int)),
+        clone_max_files=_get(env, "CLONE_MAX_FILES", 200_000, _positive(int)),
         max_doc_bytes=_get(env, "MAX_DOC_BYTES", 800_000, _positive(int)),
         retry_after_s=_get(env, "RETRY_AFTER_S", 5, _positive(int)),
+        max_event_streams=_get(env, "MAX_EVENT_STREAMS", 32, _positive(int)),
         worker_id=_get(env, "WORKER_ID", socket.gethostname(), str),
-        host=_get(env, "HOST", "0.0.0.0", str),  # noqa: S104
+        host=_get(env, "HOST", _default_host(convex_url), str),
         port=_get(env, "PORT", 8080, _positive(int)),
         log_level=_get(env, "LOG_LEVEL", "INFO", str.upper),
         cli_env_passthrough=_get(env, "CLI_ENV_PASSTHROUGH", (), _csv),
@@ -164,6 +198,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         cockpit_token=_get(env, "COCKPIT_TOKEN", None, str),
         metrics_push_interval_s=_get(env, "METRICS_PUSH_INTERVAL_S", 60.0, _positive(float)),
         lease_s=_get(env, "LEASE_S", 60.0, _positive(float)),
+        board_password=_get(env, "BOARD_PASSWORD", None, str),
+        board_password_hash=_get(env, "BOARD_PASSWORD_HASH", None, str),
+        board_session_secret=_get(env, "BOARD_SESSION_SECRET", None, str),
+        board_session_ttl_s=_get(env, "BOARD_SESSION_TTL_S", 8 * 3600, _positive(int)),
+        board_api_token=_get(env, "BOARD_API_TOKEN", None, str),
+        board_secret=_get(env, "BOARD_SECRET", None, str),
+        board_secure_cookie=_get(env, "BOARD_SECURE_COOKIE", None, _bool),
     )
     if (settings.cockpit_metrics_url is None) != (settings.cockpit_token is None):
         raise ConfigError("COCKPIT_METRICS_URL", "set together with COCKPIT_TOKEN, or neither")

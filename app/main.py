@@ -15,12 +15,16 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.adapters.sqlite_store import SqliteJobStore
 from app.adapters.store import JobReporter
+from app.board.auth import ApiGate
+from app.board.routes import board_routes, build_board
+from app.board.source import BoardSource
 from app.clock import Clock, SystemClock
 from app.config import Settings
 from app.jobs import JobManager
@@ -84,6 +88,7 @@ def build_runtime(
         clock=clock,
         worker_id=settings.worker_id,
         dedupe_ttl_s=settings.dedupe_ttl_s,
+        retention_s=settings.job_retention_s,
     )
     reporter = reporter or build_reporter(settings, store, clock, metrics)
     if wrap_reporter is not None:
@@ -110,6 +115,7 @@ def create_app(
     resolver: Resolver | None = None,
     reporter: JobReporter | None = None,
     redactor: Redactor | None = None,
+    board_source: BoardSource | None = None,
 ) -> Starlette:
     """The worker as an ASGI app; every dependency can be injected for tests."""
     clock = clock or SystemClock()
@@ -129,6 +135,7 @@ def create_app(
         runtime.manager,
         runtime.metrics,
     )
+    board = build_board(settings, store=store, manager=manager, clock=clock, source=board_source)
     services = Services(
         settings=settings,
         store=store,
@@ -148,6 +155,7 @@ def create_app(
                     extra={"job_id": job.job_id, "attempt": job.attempt},
                 )
         pruner = asyncio.create_task(_prune_forever(store))
+        board.start()
         pusher: asyncio.Task[None] | None = None
         if settings.cockpit_metrics_url and settings.cockpit_token:
             pusher = asyncio.create_task(
@@ -172,6 +180,7 @@ def create_app(
             yield
         finally:
             pruner.cancel()
+            await board.stop()
             if not manager.draining or manager.running_count:
                 await manager.drain(settings.shutdown_grace_s)
             if pusher is not None:  # after the drain, so the final job outcomes are pushed
@@ -195,11 +204,13 @@ def create_app(
         )
 
     app = Starlette(
-        routes=routes,
+        routes=[*routes, *board_routes()],
+        middleware=[Middleware(ApiGate, access=board.access)],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: crash},
     )
     app.state.services = services
+    app.state.board = board
     return app
 
 
@@ -208,7 +219,7 @@ async def _prune_forever(store: SqliteJobStore) -> None:
         try:
             store.prune()
         except Exception:  # a prune failure must never take the worker down
-            log.exception("pruning old deliveries failed")
+            log.exception("pruning old deliveries and jobs failed")
         await asyncio.sleep(PRUNE_EVERY_S)
 
 

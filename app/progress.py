@@ -48,7 +48,7 @@ _STEP = re.compile(
     (?:\d{4}-\d{2}-\d{2}[T\ ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2})?\s+)?
     (?-i:(?:TRACE|DEBUG|INFO|WARN|WARNING|ERROR|FATAL)(?:\s*\(\d+\))?:?\s+)?  # INFO (42):
     \[(?:FONDATION_STEP_)?(?P<i>\d{1,6})/(?P<n>\d{1,6})\]
-    (?:\s+(?P<text>.*?))?\s*$""",
+    (?:\s+(?P<text>.*))?$""",  # greedy to the end, stripped after: one scan of a long line
     re.VERBOSE | re.IGNORECASE | re.DOTALL,
 )
 
@@ -174,11 +174,17 @@ class StepPlan:
 class ProgressTracker:
     """What to report, and when, for one attempt.
 
-    * `set_phase` and `final` always emit; a step change (`feed` of a step line with another
-      (index, total) than the current one) always emits at once.
+    * `set_phase` and `final` always emit.
+    * A step change (`feed` of a step line with another (index, total) than the current one)
+      updates the state at once and emits at once when `min_interval_s` passed since the
+      last emission, or while a burst allowance lasts (`step_burst` changes, one more earned
+      per interval: a CLI whose first steps are instant still shows each). Otherwise `tick`
+      emits it once the interval has passed. So a CLI flipping between steps makes at most
+      `step_burst` + one report per interval (each report is a store write, a Convex call
+      and log lines), and the step text is cut to `max_line_chars`.
     * Any other line is a log line: kept in a ring of the newest `max_log_lines`, each cut to
       `max_line_chars`; it triggers an emission only when `min_interval_s` passed since the last
-      emission. `tick` flushes pending logs under the same rule.
+      emission. `tick` flushes pending logs and a held step change under the same rule.
     * `tick` emits a heartbeat (same state, no logs) once nothing was emitted for `heartbeat_s`
       (never more often than `min_interval_s`).
     * Every emission carries the logs pending since the previous one, and a `seq` one higher.
@@ -191,6 +197,7 @@ class ProgressTracker:
         heartbeat_s: float,
         max_log_lines: int = 20,
         max_line_chars: int = 500,
+        step_burst: int = 8,
         plan: StepPlan | None = None,
     ) -> None:
         if min_interval_s < 0 or heartbeat_s <= 0 or max_log_lines < 0 or max_line_chars < 1:
@@ -205,6 +212,10 @@ class ProgressTracker:
         self._step, self._total = plan.start if plan is not None else (0, 0)
         self._message = ""
         self._last_emit_s: float | None = None
+        self._held = False  # a step change not reported yet
+        self.step_burst = step_burst
+        self._step_tokens = float(step_burst)
+        self._tokens_at_s: float | None = None
         self.dropped_lines = 0
         """Log lines that fell out of the ring before they could be reported."""
 
@@ -231,13 +242,15 @@ class ProgressTracker:
         step = parse_step(line) if self._plan is None else self._plan.parse(line)
         if step is not None and (step.index, step.total) != (self._step, self._total):
             self._step, self._total = step.index, step.total
-            self._message = step.text or f"Step {step.index}/{step.total}"
-            return self._emit(now_s)
+            self._message = self._cut(step.text or f"Step {step.index}/{step.total}")
+            self._held = True
+            if self._interval_passed(now_s) or self._take_step_token(now_s):
+                return self._emit(now_s)
+            return None
         text = _ANSI.sub("", line_text(line)).rstrip()
         if not text.strip():
             return None
-        if len(text) > self.max_line_chars:
-            text = text[: self.max_line_chars - 1] + "…"
+        text = self._cut(text)
         if self._logs.maxlen == 0:
             self.dropped_lines += 1
             return None
@@ -277,14 +290,28 @@ class ProgressTracker:
             text = _ANSI.sub("", line_text(line)).rstrip()
             if not text.strip():
                 continue
-            if len(text) > self.max_line_chars:
-                text = text[: self.max_line_chars - 1] + "…"
+            text = self._cut(text)
             if len(self._logs) == self._logs.maxlen:
                 self.dropped_lines += 1
             self._logs.append(text)
 
+    def _take_step_token(self, now_s: float) -> bool:
+        if self._tokens_at_s is not None and self.min_interval_s > 0:
+            earned = (now_s - self._tokens_at_s) / self.min_interval_s
+            self._step_tokens = min(float(self.step_burst), self._step_tokens + earned)
+        self._tokens_at_s = now_s
+        if self._step_tokens < 1:
+            return False
+        self._step_tokens -= 1
+        return True
+
+    def _cut(self, text: str) -> str:
+        if len(text) > self.max_line_chars:
+            return text[: self.max_line_chars - 1] + "…"
+        return text
+
     def tick(self, now_s: float) -> Progress | None:
-        if self._logs and self._interval_passed(now_s):
+        if (self._logs or self._held) and self._interval_passed(now_s):
             return self._emit(now_s)
         if self._last_emit_s is not None and now_s - self._last_emit_s >= self.heartbeat_s:
             return self._emit(now_s)
@@ -299,6 +326,7 @@ class ProgressTracker:
     def _emit(self, now_s: float) -> Progress:
         self._seq += 1
         self._last_emit_s = now_s
+        self._held = False
         logs = tuple(self._logs)
         self._logs.clear()
         return Progress(

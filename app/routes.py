@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from app.adapters.sqlite_store import Delivery, JobView, SqliteJobStore
 from app.clock import Clock
 from app.config import Settings
 from app.domain import CancelRequest, JobSpec, JobStatus
-from app.errors import BadJsonError, MediaTypeError, PayloadError, SignatureError
+from app.errors import BadJsonError, MediaTypeError, PayloadError, SignatureError, StoreError
 from app.intake import open_message
 from app.jobs import JobManager, NoSlotError
 from app.metrics import Metrics
@@ -30,6 +32,17 @@ log = logging.getLogger("fondation.webhooks")
 BODY_READ_TIMEOUT_S = 10.0
 SSE_KEEPALIVE_S = 15.0
 PROBLEM_BASE = "urn:fondation:problem:"
+# An event id: ASCII digits that fit SQLite's 64-bit integers (str.isdigit() also takes "²"
+# and Arabic-Indic digits, and int() refuses more than 4,300 digits: both gave a 500).
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
+class StreamCount:
+    """Open event streams; each polls the store every second, so they are capped
+    (`MAX_EVENT_STREAMS`)."""
+
+    def __init__(self) -> None:
+        self.open = 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,7 @@ class Services:
     metrics: Metrics
     clock: Clock
     resolver: Resolver
+    streams: StreamCount = field(default_factory=StreamCount)
 
 
 class Problem(Exception):
@@ -129,6 +143,12 @@ def _busy(services: Services) -> Problem:
     return Problem(503, "no-slot", "Service Unavailable", "no free job slot", retry)
 
 
+def _store_unavailable(services: Services, exc: StoreError) -> Problem:
+    log.error("job store failed", extra={"error": str(exc)})
+    retry = {"Retry-After": str(services.settings.retry_after_s)}
+    return Problem(503, "store-unavailable", "Service Unavailable", str(exc), retry)
+
+
 async def _handle_webhook(request: Request, services: Services) -> tuple[str, str, Response]:
     """Returns (event type, outcome, response)."""
     body = await _read_body(request, services.settings.max_body_bytes)
@@ -200,7 +220,11 @@ async def webhooks(request: Request) -> Response:
     started = time.perf_counter()
     event_type, outcome = "unknown", "error"
     try:
-        event_type, outcome, response = await _handle_webhook(request, services)
+        try:
+            event_type, outcome, response = await _handle_webhook(request, services)
+        except StoreError as exc:
+            # Nothing was recorded and no slot taken: the sender may deliver again later.
+            raise _store_unavailable(services, exc) from None
     except Problem as p:
         outcome = p.slug
         response = problem_response(p)
@@ -232,11 +256,15 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _guard(handler: Handler) -> Handler:
-    """Render a `Problem` raised by a handler as its RFC 9457 response."""
+    """Render a `Problem` raised by a handler as its RFC 9457 response (a failing store as
+    503)."""
 
     async def wrapped(request: Request) -> Response:
         try:
-            return await handler(request)
+            try:
+                return await handler(request)
+            except StoreError as exc:
+                raise _store_unavailable(_services(request), exc) from None
         except Problem as p:
             return problem_response(p)
 
@@ -295,13 +323,46 @@ async def job_events(request: Request) -> Response:
     _embedded_only(services)
     job = _job_or_404(services, request.path_params["job_id"])
     cursor_raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not cursor_raw.isdigit():
+    if not _EVENT_ID.fullmatch(cursor_raw):
         raise Problem(400, "bad-request", "Bad Request", "invalid Last-Event-ID")
-    return StreamingResponse(
+    if services.streams.open >= services.settings.max_event_streams:
+        raise Problem(
+            503,
+            "too-many-streams",
+            "Service Unavailable",
+            "too many open event streams",
+            {"Retry-After": str(services.settings.retry_after_s)},
+        )
+    # Counted from here to the end of the response, whatever ends it (see _CountedStream).
+    services.streams.open += 1
+    return _CountedStream(
+        services.streams,
         _event_stream(services, job.job_id, int(cursor_raw)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+class _CountedStream(StreamingResponse):
+    """A streaming response that gives its place in `StreamCount` back when it ends: after
+    the last event, on a client disconnect, or when the server shuts down."""
+
+    def __init__(
+        self,
+        count: StreamCount,
+        content: AsyncIterator[bytes],
+        *,
+        media_type: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._count.open -= 1
 
 
 async def _event_stream(services: Services, job_id: str, cursor: int) -> AsyncIterator[bytes]:

@@ -7,7 +7,7 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import httpx
@@ -27,6 +27,9 @@ class SubmitRequest:
     job_id: str
     model: str | None = None
     priority: int = 0
+    # BOARD_API_TOKEN: following the job reads GET /v1/jobs/{id}/events, which needs it
+    # when the worker listens beyond loopback.
+    api_token: str | None = field(default=None, repr=False)
 
 
 class SubmitError(Exception):
@@ -122,21 +125,34 @@ def render_bar(step: int, total: int, message: str) -> str:
     return f"[{bar}] {count} {message}"
 
 
-def follow(client: httpx.Client, url: str, job_id: str, out: TextIO, timeout_s: float) -> str:
+def follow(
+    client: httpx.Client,
+    url: str,
+    job_id: str,
+    out: TextIO,
+    timeout_s: float,
+    api_token: str | None = None,
+) -> str:
     """Print the job's progress until it ends; returns the final status."""
     tty = out.isatty()
     last = ""
     status = "accepted"
     deadline = time.monotonic() + timeout_s
     cursor = 0
+    auth = {"Authorization": f"Bearer {api_token}"} if api_token else {}
     while time.monotonic() < deadline:
         try:
             with client.stream(
                 "GET",
                 f"{url}/v1/jobs/{job_id}/events",
-                headers={"Last-Event-ID": str(cursor)},
+                headers={"Last-Event-ID": str(cursor), **auth},
                 timeout=httpx.Timeout(10.0, read=30.0),
             ) as resp:
+                if resp.status_code == 401:
+                    raise SubmitError(
+                        "cannot follow the job: the worker wants a token (set BOARD_API_TOKEN "
+                        "or --token to its BOARD_API_TOKEN)"
+                    )
                 if resp.status_code != 200:
                     raise SubmitError(f"cannot follow the job: HTTP {resp.status_code}")
                 for _kind, ev in _sse_events(resp.iter_lines()):
@@ -175,6 +191,6 @@ def run_submit(
         out.flush()
         if not follow_job:
             return 0
-        status = follow(client, req.url, req.job_id, out, timeout_s)
+        status = follow(client, req.url, req.job_id, out, timeout_s, req.api_token)
         out.write(f"job {req.job_id} {status}\n")
         return 0 if status == "completed" else 1

@@ -4,6 +4,7 @@ resolver, so the same rules run at intake and again right before cloning (DNS ca
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -22,6 +23,12 @@ _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _HOST_RE = re.compile(r"^[a-z0-9.-]+$|^\[[0-9a-f:.]+\]$")
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+# IPv6 prefixes that carry an IPv4 address in their low 32 bits: a translator on the path
+# would deliver to that IPv4 address, so it is the one to judge.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215, operator-local
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated, still routed by some stacks
 
 
 # Resolution gets its own threads: the default executor also runs git clones and file work,
@@ -45,6 +52,9 @@ class RepoTarget:
     url: str
     host: str
     port: int
+    addresses: tuple[str, ...] = ()
+    """The addresses that passed the check (after `check`), for the clone to connect to
+    (pinned: a second lookup by git could answer otherwise)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +105,7 @@ class UrlPolicy:
         if self.allow_private:
             return
         for raw in found:
-            ip = ipaddress.ip_address(raw.split("%", 1)[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if not ip.is_global or ip.is_multicast:
+            if not _is_public(ipaddress.ip_address(raw.split("%", 1)[0])):
                 raise UrlPolicyError(
                     f"host {host!r} resolves to a private, loopback or link-local address"
                 )
@@ -111,7 +118,28 @@ class UrlPolicy:
         except (OSError, UnicodeError) as exc:
             raise UrlPolicyError(f"host {target.host!r} does not resolve: {exc}") from None
         self.check_addresses(target.host, addresses)
-        return target
+        pinned = tuple(dict.fromkeys(a.split("%", 1)[0] for a in addresses))
+        return dataclasses.replace(target, addresses=pinned)
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally reachable unicast, judged on the IPv4 address an IPv6 form carries."""
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address):
+        return True
+    if ip in _NAT64_LOCAL:
+        return False  # the operator's own translator: where it leads is not ours to know
+    embedded: ipaddress.IPv4Address | None = None
+    if ip.ipv4_mapped is not None:
+        embedded = ip.ipv4_mapped
+    elif ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    elif ip.sixtofour is not None:
+        embedded = ip.sixtofour
+    elif ip.teredo is not None:
+        embedded = ip.teredo[1]
+    return embedded is None or _is_public(embedded)
 
 
 def check_ref(ref: str | None) -> str | None:

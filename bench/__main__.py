@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.common import BenchError, Result, machine
 
-BENCHMARKS = ("ack", "ack_busy", "dispatch", "progress", "clone", "memory", "resume")
+BENCHMARKS = ("ack", "ack_busy", "dispatch", "progress", "clone", "memory", "resume", "board")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,20 +5,27 @@ How a clone runs (in a worker thread, so the event loop never blocks):
 
     git init <dest>
     git fetch --depth 1 --no-tags --no-recurse-submodules -- <url> <ref | sha | HEAD>
+    git ls-tree -r -t -l -z FETCH_HEAD      (the census: nothing is checked out yet)
     git checkout --detach --force FETCH_HEAD
 
-Each git process runs in its own process group; a watcher loop polls every 0.2 s and kills
-the group when the deadline passes, when `dest` grows beyond `max_bytes` (checked during the
-fetch *and* the checkout, so a small pack that inflates into a huge tree is caught too), or
-when the caller's task is cancelled.
+(a branch, a tag or the default branch is one `git clone --no-checkout` instead of init +
+fetch). Each git process runs in its own process group; a watcher loop polls every 0.2 s and
+kills the group when the deadline passes, when `dest` grows beyond `max_bytes` of disk blocks
+or `max_entries` files and directories, or when the caller's task is cancelled.
+
+A few KB of pack can name a huge tree (identical trees are stored once: 200 x 200 directories
+cost four objects), so the tree is counted before checkout: its entries, and the disk it will
+take, a block at least per file and per directory. The checkout is watched the same way, in
+case the estimate falls short (larger blocks).
 
 Security: the token reaches git only through `GIT_CONFIG_*` environment variables as an
 `http.extraHeader` (never in the URL, the argv, a log or an error message); user and system
 git configuration are ignored; terminal prompts, askpass and credential helpers are off;
 only http(s) is allowed (`GIT_ALLOW_PROTOCOL`, `protocol.file.allow=never`); redirects are
-not followed; hooks are disabled (`core.hooksPath=/dev/null`); LFS smudging is skipped;
-submodules are not fetched; symlinks are checked out as plain files (`core.symlinks=false`)
-so the CLI cannot be led outside the checkout.
+not followed; hooks are disabled (`core.hooksPath=/dev/null`); no filter runs (no git-lfs:
+an LFS-tracked file stays the pointer text the repository holds); submodules are not
+fetched; symlinks are checked out as plain files (`core.symlinks=false`) so the CLI cannot
+be led outside the checkout.
 
 Every failure raises `JobFailure(code="clone_failed", message=...)` with a short message
 scrubbed of secrets. A timeout is also `clone_failed` ("clone timed out after N s"), with
@@ -32,6 +39,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import ipaddress
 import os
 import re
 import shutil
@@ -41,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +65,19 @@ from app.errors import JobFailure
 # ones never make the default executor (workspace removal, doc collection) wait.
 _CLONE_EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clone")
 
-__all__ = ["CloneResult", "clone", "dir_size", "remove_tree", "scrub", "validate_ref"]
+__all__ = [
+    "CloneResult",
+    "clone",
+    "dir_size",
+    "disk_usage",
+    "remove_tree",
+    "scrub",
+    "validate_ref",
+]
 
+DEFAULT_MAX_ENTRIES = 200_000
+"""Files and directories a checkout may hold (CLONE_MAX_FILES)."""
+_BLOCK = 4096  # what one file or directory costs on disk at the least (ext4, overlayfs)
 _POLL_S = 0.2
 _STDERR_KEEP = 16 * 1024
 _SHA = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
@@ -132,9 +151,10 @@ def _git_env(token: str | None) -> dict[str, str]:
         ("advice.detachedHead", "false"),
         ("init.defaultBranch", "main"),
         ("gc.auto", "0"),
-        ("filter.lfs.smudge", "git-lfs smudge --skip -- %f"),
-        ("filter.lfs.process", "git-lfs filter-process --skip"),
-        ("filter.lfs.required", "false"),
+        # No filter at all: the image has no git-lfs, and a configured `git-lfs
+        # filter-process` that cannot start fails the checkout with "the remote end hung up".
+        # With no `filter.lfs.*` an LFS-tracked file is checked out as its pointer text:
+        # nothing is downloaded, and the CLI reads a 130-byte pointer.
     ]
     if token:
         config.append(("http.extraHeader", f"Authorization: Basic {_basic_value(token)}"))
@@ -143,7 +163,6 @@ def _git_env(token: str | None) -> dict[str, str]:
         "GIT_ASKPASS": "true",
         "SSH_ASKPASS": "true",
         "GIT_ALLOW_PROTOCOL": "http:https",
-        "GIT_LFS_SKIP_SMUDGE": "1",
         "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_CONFIG_GLOBAL": "/dev/null",
         "GIT_PROTOCOL_FROM_USER": "0",
@@ -162,6 +181,25 @@ def _git_env(token: str | None) -> dict[str, str]:
         env[f"GIT_CONFIG_KEY_{i}"] = key
         env[f"GIT_CONFIG_VALUE_{i}"] = value
     return env
+
+
+def _pin_addresses(env: dict[str, str], url: str, addresses: Sequence[str]) -> None:
+    """Make git connect only to `addresses` (those the URL policy checked) for the URL's host:
+    a second lookup by git could answer otherwise (DNS rebinding). Adds one
+    `http.curloptResolve` entry (git >= 2.37) to the `GIT_CONFIG_*` list in `env`."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not addresses or host is None:
+        return
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return  # an address literal: nothing is looked up, nothing to pin
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    listed = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+    index = int(env["GIT_CONFIG_COUNT"])
+    env[f"GIT_CONFIG_KEY_{index}"] = "http.curloptResolve"
+    env[f"GIT_CONFIG_VALUE_{index}"] = f"{host}:{port}:{listed}"
+    env["GIT_CONFIG_COUNT"] = str(index + 1)
 
 
 def dir_size(path: Path) -> int:
@@ -183,6 +221,30 @@ def dir_size(path: Path) -> int:
         except OSError:
             continue
     return total
+
+
+def disk_usage(path: Path) -> tuple[int, int]:
+    """(bytes of disk blocks, number of entries) under `path`, directories included; what a
+    checkout really costs, unlike the file bytes of `dir_size` (symlinks not followed)."""
+    used = 0
+    entries = 0
+    stack = [str(path)]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as listing:
+                for entry in listing:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # files come and go while git writes
+                    entries += 1
+                    used += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return used, entries
 
 
 class _Drain(threading.Thread):
@@ -213,9 +275,19 @@ class _Limits:
     deadline: float
     timeout_s: float
     max_bytes: int
+    max_entries: int
     abort: threading.Event
     secrets: tuple[str, ...]
     ref_label: str = "HEAD"
+
+    def over(self) -> _Failed | None:
+        """The limit `dest` passed on disk, if any."""
+        used, entries = disk_usage(self.dest)
+        if used > self.max_bytes:
+            return _Failed(f"repository exceeds the size limit of {self.max_bytes} bytes")
+        if entries > self.max_entries:
+            return _Failed(f"repository has more than {self.max_entries} files and directories")
+        return None
 
 
 def _git_program() -> str:
@@ -255,8 +327,8 @@ def _run_git(args: list[str], env: dict[str, str], cwd: Path, limits: _Limits) -
                 reason = _Failed("clone canceled", retryable=True)
             elif time.monotonic() > limits.deadline:
                 reason = _Failed(f"clone timed out after {limits.timeout_s:g} s", retryable=True)
-            elif dir_size(limits.dest) > limits.max_bytes:
-                reason = _Failed(f"repository exceeds the size limit of {limits.max_bytes} bytes")
+            else:
+                reason = limits.over()
             if reason is not None:
                 _killpg(proc.pid)
                 proc.wait()
@@ -275,9 +347,61 @@ def _run_git(args: list[str], env: dict[str, str], cwd: Path, limits: _Limits) -
     stderr = drain.text()
     if proc.returncode != 0:
         raise _classify(stderr, limits)
-    if dir_size(limits.dest) > limits.max_bytes:
-        raise _Failed(f"repository exceeds the size limit of {limits.max_bytes} bytes")
+    over = limits.over()
+    if over is not None:
+        raise over
     return stderr
+
+
+def _tree_census(env: dict[str, str], dest: Path, limits: _Limits, rev: str) -> None:
+    """Count the entries of `rev`'s tree and the disk they will take, before checkout;
+    raise `_Failed` past a limit. git is killed as soon as a limit is passed."""
+    proc = subprocess.Popen(
+        [_git_program(), "ls-tree", "-r", "-t", "-l", "-z", "--full-tree", rev],
+        cwd=dest,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    entries = 0
+    estimate = 0
+    rest = b""
+    reason: _Failed | None = None
+    try:
+        fd = proc.stdout.fileno()
+        while reason is None and (chunk := os.read(fd, 1 << 16)):
+            records = (rest + chunk).split(b"\0")
+            rest = records.pop()
+            for record in records:
+                # "<mode> <type> <object> <size|->\t<path>": trees and gitlinks show "-".
+                size = record.split(b"\t", 1)[0].rsplit(b" ", 1)[-1].strip()
+                entries += 1
+                blocks = -(-int(size) // _BLOCK) if size.isdigit() else 1
+                estimate += max(1, blocks) * _BLOCK
+            if estimate > limits.max_bytes:
+                reason = _Failed(
+                    f"repository exceeds the size limit of {limits.max_bytes} bytes "
+                    f"(its tree needs at least {estimate} bytes on disk)"
+                )
+            elif entries > limits.max_entries:
+                reason = _Failed(
+                    f"repository has more than {limits.max_entries} files and directories"
+                )
+            elif limits.abort.is_set():
+                reason = _Failed("clone canceled", retryable=True)
+            elif time.monotonic() > limits.deadline:
+                reason = _Failed(f"clone timed out after {limits.timeout_s:g} s", retryable=True)
+    finally:
+        _killpg(proc.pid)
+        proc.wait()
+        proc.stdout.close()
+    if reason is not None:
+        raise reason
+    if proc.returncode != 0:
+        raise _Failed("git failed: cannot list the fetched tree", retryable=True)
 
 
 def _classify(stderr: str, limits: _Limits) -> _Failed:
@@ -317,14 +441,24 @@ def _clone_sync(
     token: str | None,
     timeout_s: float,
     max_bytes: int,
+    max_entries: int,
+    addresses: Sequence[str],
     abort: threading.Event,
 ) -> CloneResult:
     started = time.monotonic()
     secrets = tuple(s for s in (token, _basic_value(token) if token else None) if s)
     limits = _Limits(
-        dest, started + timeout_s, timeout_s, max_bytes, abort, secrets, ref or "default branch"
+        dest,
+        started + timeout_s,
+        timeout_s,
+        max_bytes,
+        max_entries,
+        abort,
+        secrets,
+        ref or "default branch",
     )
     env = _git_env(token)
+    _pin_addresses(env, url, addresses)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise _Failed("destination directory is not empty")
@@ -341,6 +475,7 @@ def _clone_sync(
                 "--single-branch",
                 "--no-tags",
                 "--no-recurse-submodules",
+                "--no-checkout",
                 *branch,
                 "--",
                 url,
@@ -350,6 +485,7 @@ def _clone_sync(
             dest,
             limits,
         )
+        _tree_census(env, dest, limits, "HEAD")
         _run_git(["checkout", "-q", "--detach", "--force", "HEAD", "--"], env, dest, limits)
     else:
         # A commit can only be fetched by id, into an empty repository.
@@ -370,6 +506,7 @@ def _clone_sync(
             dest,
             limits,
         )
+        _tree_census(env, dest, limits, "FETCH_HEAD")
         _run_git(["checkout", "-q", "--detach", "--force", "FETCH_HEAD", "--"], env, dest, limits)
     # Read the detached HEAD directly: GitPython's `Repo(...).head.commit` would start a
     # persistent `git cat-file --batch-check` with the worker's whole environment (secrets
@@ -380,7 +517,7 @@ def _clone_sync(
     if ref is not None and _SHA.fullmatch(ref) and commit.lower() != ref.lower():
         raise _Failed(f"ref {ref!r} not found")
     return CloneResult(
-        commit=commit, bytes_on_disk=dir_size(dest), duration_s=time.monotonic() - started
+        commit=commit, bytes_on_disk=disk_usage(dest)[0], duration_s=time.monotonic() - started
     )
 
 
@@ -392,10 +529,16 @@ async def clone(
     token: str | None,
     timeout_s: float,
     max_bytes: int,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    addresses: Sequence[str] = (),
 ) -> CloneResult:
     """Shallow-clone `ref` of `url` into `dest` (created if missing, must be empty).
 
     `ref` is a branch, a tag or a full commit SHA; None means the remote's default branch.
+    `max_bytes` bounds the disk blocks of `dest`, `max_entries` its files and directories;
+    both are checked on the fetched tree before checkout, then while checking out.
+    `addresses`, when given, are the only ones git connects to for the URL's host (the ones
+    the URL policy checked; see `RepoTarget.addresses`).
     Raises `JobFailure(code="clone_failed")` on any failure. `dest` is left as it is on
     failure: the caller removes its workspace (see `remove_tree`). Cancelling the calling
     task kills git and waits (bounded) for the worker thread before re-raising.
@@ -407,7 +550,18 @@ async def clone(
     work = asyncio.ensure_future(
         asyncio.get_running_loop().run_in_executor(
             _CLONE_EXECUTOR,
-            functools.partial(_clone_sync, url, ref, dest, token, timeout_s, max_bytes, abort),
+            functools.partial(
+                _clone_sync,
+                url,
+                ref,
+                dest,
+                token,
+                timeout_s,
+                max_bytes,
+                max_entries,
+                tuple(addresses),
+                abort,
+            ),
         )
     )
     try:

@@ -4,19 +4,27 @@ It always keeps the webhook deliveries (deduplication for at least 72 h) and a l
 each job and its events; without `CONVEX_URL` it is also the store the runner reports to.
 Writes are short and happen on the event loop's thread, so the dedupe-then-reserve step of the
 webhook handler is atomic within a process; across processes the unique keys decide.
+
+When SQLite fails (a full disk, an I/O error, a lock held too long) every method raises
+`StoreError` with a short reason, never `sqlite3` errors; the reporter methods raise its
+`CallbackError` (retryable), which the runner already survives. A job's state changes
+(claim, complete, fail) are retried a few times, since losing one leaves the job unfinished;
+a progress report is not (the next one carries the whole state); docs that cannot be
+written fail the job with a message saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.clock import Clock
 from app.domain import (
@@ -30,8 +38,19 @@ from app.domain import (
     JobStatus,
     Progress,
 )
+from app.errors import CallbackError, StoreError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+"""How long a finished job, its docs and its events stay in the embedded store
+(JOB_RETENTION_S)."""
+STATE_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+"""Waits between the attempts of a job's state change (claim, complete, fail): ~8 s in all,
+for an operator or the pruner to free space, short of the shutdown grace."""
+STORE_FULL = "store_full"
+"""`CallbackAck.reason` when the docs could not be stored and the job was failed for it."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
   webhook_id TEXT PRIMARY KEY,
@@ -238,12 +257,21 @@ def _row_to_view(row: sqlite3.Row) -> JobView:
 class SqliteJobStore:
     """Deliveries, jobs, docs and events in one SQLite file; also a `JobReporter`."""
 
-    def __init__(self, path: Path, *, clock: Clock, worker_id: str, dedupe_ttl_s: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock,
+        worker_id: str,
+        dedupe_ttl_s: int,
+        retention_s: float = DEFAULT_RETENTION_S,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
         self._clock = clock
         self._worker_id = worker_id
         self._dedupe_ttl_s = dedupe_ttl_s
+        self._retention_s = retention_s
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -259,16 +287,48 @@ class SqliteJobStore:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+    def _tx(self, callback: str | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction. A SQLite failure becomes `StoreError`, or `CallbackError`
+        (retryable) for a reporter method named by `callback`."""
+        with self._lock, self._errors(callback):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may have rolled back already (it does on some SQLITE_FULL): never let
+                # a failed ROLLBACK hide the error, nor leave the connection in a transaction.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         self.feed.notify()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._errors(None):
+            yield self._db
+
+    @staticmethod
+    @contextmanager
+    def _errors(callback: str | None) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:  # full, I/O error, locked, read-only
+            reason = f"the job store failed: {exc}"
+            if callback is None:
+                raise StoreError(reason) from None
+            raise CallbackError(callback, reason, retryable=True) from None
+
+    async def _retried(self, callback: str, write: Callable[[], Awaitable[T]]) -> T:
+        """Run a job state change, again after each of `STATE_RETRY_DELAYS_S` while the store
+        fails; the last failure is raised."""
+        for delay_s in STATE_RETRY_DELAYS_S:
+            try:
+                return await write()
+            except CallbackError:
+                await asyncio.sleep(delay_s)
+        return await write()
 
     def _event(
         self, db: sqlite3.Connection, job_id: str, attempt: int, kind: str, data: dict[str, Any]
@@ -304,7 +364,7 @@ class SqliteJobStore:
 
     def lookup_delivery(self, webhook_id: str) -> Delivery | None:
         """The delivery with this id if seen within the dedupe window."""
-        with self._lock:
+        with self._read():
             row = self._db.execute(
                 "SELECT * FROM deliveries WHERE webhook_id = ? AND created_at >= ?",
                 (webhook_id, self._clock.now() - self._dedupe_ttl_s),
@@ -374,11 +434,32 @@ class SqliteJobStore:
         return None if row is None else Delivery(**dict(row))
 
     def prune(self) -> int:
-        """Forget deliveries older than the dedupe window; returns how many."""
+        """Forget deliveries older than the dedupe window, and finished jobs (with their
+        docs and events) not updated for `retention_s`; returns how many deliveries."""
+        now = self._clock.now()
+        final = [str(status) for status in JobStatus if status.is_final]
+        marks = ",".join("?" for _ in final)
         with self._tx() as db:
             cur = db.execute(
-                "DELETE FROM deliveries WHERE created_at < ?",
-                (self._clock.now() - self._dedupe_ttl_s,),
+                "DELETE FROM deliveries WHERE created_at < ?", (now - self._dedupe_ttl_s,)
+            )
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS expired(job_id TEXT, attempt INTEGER)")
+            db.execute("DELETE FROM temp.expired")
+            db.execute(
+                f"INSERT INTO temp.expired SELECT job_id, attempt FROM jobs "  # noqa: S608
+                f"WHERE status IN ({marks}) AND updated_at < ?",
+                (*final, now - self._retention_s),
+            )
+            for table in ("docs", "events", "jobs"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE (job_id, attempt) IN "  # noqa: S608
+                    "(SELECT job_id, attempt FROM temp.expired)"
+                )
+            # Events of attempts the store never knew (a cancel for another worker's job).
+            db.execute(
+                "DELETE FROM events WHERE at < ? AND NOT EXISTS (SELECT 1 FROM jobs "
+                "WHERE jobs.job_id = events.job_id AND jobs.attempt = events.attempt)",
+                (now - self._retention_s,),
             )
             return cur.rowcount
 
@@ -386,7 +467,7 @@ class SqliteJobStore:
 
     def get_job(self, job_id: str, attempt: int | None = None) -> JobView | None:
         """The job's latest attempt (or the given one)."""
-        with self._lock:
+        with self._read():
             if attempt is None:
                 row = self._db.execute(
                     "SELECT * FROM jobs WHERE job_id = ? ORDER BY attempt DESC LIMIT 1",
@@ -407,14 +488,14 @@ class SqliteJobStore:
             args.append(str(status))
         query += " ORDER BY created_at DESC LIMIT ?"
         args.append(limit)
-        with self._lock:
+        with self._read():
             rows = self._db.execute(query, args).fetchall()
         return [_row_to_view(r) for r in rows]
 
     def list_docs(self, job_id: str, attempt: int) -> list[Doc]:
         from app.domain import DocKind
 
-        with self._lock:
+        with self._read():
             rows = self._db.execute(
                 "SELECT * FROM docs WHERE job_id = ? AND attempt = ? ORDER BY position",
                 (job_id, attempt),
@@ -431,7 +512,7 @@ class SqliteJobStore:
         ]
 
     def events_since(self, job_id: str, after_id: int, limit: int = 200) -> list[JobEvent]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute(
                 "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?",
                 (job_id, after_id, limit),
@@ -481,7 +562,10 @@ class SqliteJobStore:
         return None if row is None else (row["status"], row["claimed_by"])
 
     async def claim(self, spec: JobSpec) -> ClaimResult:
-        with self._tx() as db:
+        return await self._retried("claim", lambda: self._claim(spec))
+
+    async def _claim(self, spec: JobSpec) -> ClaimResult:
+        with self._tx("claim") as db:
             state = self._status(db, spec)
             if state is None:
                 return ClaimResult(ok=False, reason="unknown_job")
@@ -501,7 +585,7 @@ class SqliteJobStore:
         return ClaimResult(ok=True)
 
     async def progress(self, spec: JobSpec, update: Progress) -> CallbackAck:
-        with self._tx() as db:
+        with self._tx("progress") as db:
             row = db.execute(
                 "SELECT status, seq FROM jobs WHERE job_id = ? AND attempt = ?",
                 (spec.job_id, spec.attempt),
@@ -539,7 +623,22 @@ class SqliteJobStore:
         return CallbackAck()
 
     async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
-        with self._tx() as db:
+        """Store a batch of docs; when the store cannot take them (a full disk, mostly: docs
+        are the big writes), fail the job saying so and ask the runner to stop."""
+        try:
+            return self._put_docs(spec, docs)
+        except CallbackError as exc:
+            failure = Failure(
+                FailureCode.INTERNAL,
+                f"the docs could not be saved: the job store is out of space or failing "
+                f"({exc.reason})",
+                retryable=True,
+            )
+            await self.fail(spec, failure)
+            return CallbackAck(stop=True, reason=STORE_FULL)
+
+    def _put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
+        with self._tx("put_docs") as db:
             base = db.execute(
                 "SELECT count(*) FROM docs WHERE job_id = ? AND attempt = ?",
                 (spec.job_id, spec.attempt),
@@ -565,7 +664,10 @@ class SqliteJobStore:
         return CallbackAck()
 
     async def complete(self, spec: JobSpec, docs_count: int, duration_ms: int) -> None:
-        with self._tx() as db:
+        await self._retried("complete", lambda: self._complete(spec, docs_count, duration_ms))
+
+    async def _complete(self, spec: JobSpec, docs_count: int, duration_ms: int) -> None:
+        with self._tx("complete") as db:
             self._set_status(
                 db,
                 spec.job_id,
@@ -578,8 +680,11 @@ class SqliteJobStore:
             )
 
     async def fail(self, spec: JobSpec, failure: Failure) -> None:
+        await self._retried("fail", lambda: self._fail(spec, failure))
+
+    async def _fail(self, spec: JobSpec, failure: Failure) -> None:
         status = JobStatus.CANCELED if failure.code is FailureCode.CANCELED else JobStatus.FAILED
-        with self._tx() as db:
+        with self._tx("fail") as db:
             self._set_status(
                 db,
                 spec.job_id,
@@ -597,7 +702,7 @@ class SqliteJobStore:
 
     async def mark_dropped(self, spec: JobSpec, reason: str | None) -> None:
         """The upstream store refused the claim: the job runs elsewhere, not here."""
-        with self._tx() as db:
+        with self._tx("mark_dropped") as db:
             self._set_status(
                 db,
                 spec.job_id,

@@ -56,6 +56,7 @@ def test_fuzz_never_5xx_never_job_without_signature(tmp_path: Path) -> None:
             "WORK_DIR": str(tmp_path / "w"),
             "SHUTDOWN_GRACE_S": "1",
             "MAX_CONCURRENT_JOBS": "1000",
+            "HOST": "127.0.0.1",  # the job API is open on loopback only
         }
     )
     reporter = HeldReporter()

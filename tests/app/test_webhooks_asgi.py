@@ -29,6 +29,7 @@ async def running_app(
             "WORK_DIR": str(tmp_path / "work"),
             "SHUTDOWN_GRACE_S": "2",
             "WORKER_ID": "asgi-test",
+            "HOST": "127.0.0.1",  # the job API is open on loopback only
             **env,
         }
     )

@@ -235,7 +235,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class GitHttpServer:
-    """Serves every bare repo under `root` over smart HTTP on 127.0.0.1:<ephemeral>.
+    """Serves every bare repo under `root` over smart HTTP on 127.0.0.1:<ephemeral> (or the
+    given `host` and `port`).
 
     `require_token`: answer 401 unless the Authorization header carries the token (as a
     Bearer value or in the password of Basic credentials). `redirects`: URL path prefix →
@@ -250,8 +251,12 @@ class GitHttpServer:
         *,
         require_token: str | None = None,
         redirects: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.root = root
+        self.host = host
+        self._bind_port = port
         self.require_token = require_token
         self.redirects = dict(redirects or {})
         self.requests: list[RecordedRequest] = []
@@ -262,7 +267,7 @@ class GitHttpServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> GitHttpServer:
-        httpd = _Server(("127.0.0.1", 0), _Handler)
+        httpd = _Server((self.host, self._bind_port), _Handler)
         httpd.owner = self
         self._httpd = httpd
         self._thread = threading.Thread(
@@ -297,7 +302,7 @@ class GitHttpServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def url_for(self, name: str) -> str:
         """URL of the bare repo `<root>/<name>.git` (`name` may already end with .git)."""

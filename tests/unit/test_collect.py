@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,94 @@ def test_helpers() -> None:
     assert normalize_name("  Chapter Generator (v2) ") == "chapter_generator_v2_"
     assert slugify("chapter_01_Intro.md") == "chapter-01-intro"
     assert slugify("step1_abstractions.yaml") == "step1-abstractions"
+
+
+# ── hostile output (issue 11) ───────────────────────────────────────────────────────
+
+
+def _collect_in_thread(root: Path, timeout_s: float = 5.0, **kw: object) -> BaseException | None:
+    """Run collect_docs in a thread, bounded: a blocked open must not hang the test."""
+    result: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            collect_docs(root, max_doc_bytes=1000, **kw)  # type: ignore[arg-type]
+            result.append(None)
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        for fifo in root.rglob("*"):  # release the reader so the thread can end
+            if stat.S_ISFIFO(fifo.lstat().st_mode):
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+        thread.join(5)
+        raise AssertionError("collect_docs blocked on a special file")
+    return result[0]
+
+
+def test_fifo_named_like_a_doc_is_refused_without_blocking(tmp_path: Path) -> None:
+    write(tmp_path / "chapters" / "chapter_1_a.md", "# A\n")
+    os.mkfifo(tmp_path / "step1_abstractions.yaml")
+    exc = _collect_in_thread(tmp_path)
+    assert isinstance(exc, JobFailure) and exc.code == "output_invalid", exc
+    assert "step1_abstractions.yaml" in exc.message and "regular file" in exc.message
+
+
+def test_fifo_chapter_is_skipped_and_fifo_order_file_refused_without_blocking(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path / "chapters" / "chapter_1_a.md", "# A\n")
+    os.mkfifo(tmp_path / "chapters" / "chapter_2_b.md")
+    assert _collect_in_thread(tmp_path) is None  # not a file: not a chapter
+    os.mkfifo(tmp_path / "step3_order.yaml")
+    exc = _collect_in_thread(tmp_path)
+    assert isinstance(exc, JobFailure) and "step3_order.yaml" in exc.message, exc
+
+
+def test_hard_link_to_a_file_outside_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "outside.txt"
+    secret.write_text("not for upload\n")
+    root = tmp_path / "out"
+    write(root / "chapters" / "chapter_1_a.md", "# A\n")
+    os.link(secret, root / "chapters" / "chapter_2_b.md")
+    with pytest.raises(JobFailure) as info:
+        collect_docs(root, max_doc_bytes=1000)
+    assert info.value.code == "output_invalid" and "link" in info.value.message
+
+
+def test_doc_count_and_total_bytes_are_capped(tmp_path: Path) -> None:
+    for i in range(1, 6):
+        write(tmp_path / "chapters" / f"chapter_{i}_c.md", f"# C{i}\n" + "x" * 100)
+    assert len(collect_docs(tmp_path, max_doc_bytes=1000, max_docs=5)) == 5
+    with pytest.raises(JobFailure, match="more than 4 docs"):
+        collect_docs(tmp_path, max_doc_bytes=1000, max_docs=4)
+    with pytest.raises(JobFailure, match="over the total limit"):
+        collect_docs(tmp_path, max_doc_bytes=1000, max_total_bytes=400)
+
+
+def test_chapter_ordering_is_linear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2,000 chapters and an order naming 2,000 chapters that do not exist: the old ordering
+    compared every order entry with every remaining chapter (4 M name normalisations)."""
+    import app.collect as collect_mod
+
+    n = 2000
+    for i in range(1, n + 1):
+        write(tmp_path / "chapters" / f"chapter_{i}_c{i}.md", "x")
+    entries = "".join(f"  - index: {n + i}\n    name: Missing {i}\n" for i in range(1, n + 1))
+    write(tmp_path / "step3_order.yaml", "order:\n" + entries)
+    calls = 0
+    real = collect_mod.normalize_name
+
+    def counting(name: str) -> str:
+        nonlocal calls
+        calls += 1
+        return real(name)
+
+    monkeypatch.setattr(collect_mod, "normalize_name", counting)
+    docs = collect_docs(tmp_path, max_doc_bytes=200_000, max_docs=n + 10)
+    assert [d.chapter_index for d in docs if d.kind is DocKind.CHAPTER] == list(range(1, n + 1))
+    assert calls <= 4 * n, calls

@@ -58,3 +58,20 @@ def test_secrets_do_not_show_in_repr() -> None:
     )
     assert "whsec_" not in repr(s) and "tok-123456789" not in repr(s)
     assert set(s.secret_values()) == {"whsec_c2VjcmV0LXZhbHVlLWhlcmU=", "tok-123456789"}
+
+
+def test_embedded_mode_listens_on_loopback_unless_told_otherwise() -> None:
+    # The embedded job API serves every job and its docs without authentication: only an
+    # explicit HOST exposes it. Convex mode is the deployed container, reached from outside.
+    assert load_settings({}).host == "127.0.0.1"
+    assert load_settings({"HOST": "0.0.0.0"}).host == "0.0.0.0"
+    convex = {"CONVEX_URL": "https://happy-otter-123.convex.cloud"}
+    assert load_settings(convex).host == "0.0.0.0"
+    assert load_settings({**convex, "HOST": "127.0.0.1"}).host == "127.0.0.1"
+
+
+def test_make_run_listens_where_it_says() -> None:
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    run = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert 'export HOST="$${HOST:-127.0.0.1}"' in run
+    assert "http://$${HOST}:$${PORT:-8080}" in run

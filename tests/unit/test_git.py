@@ -7,14 +7,21 @@ import base64
 import logging
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from app.adapters.git import clone, remove_tree, scrub
+from app.adapters.git import _git_env, _pin_addresses, clone, disk_usage, remove_tree, scrub
 from app.errors import JobFailure
-from tests.support.gitserver import GitHttpServer, StallingServer, make_repo, rev_parse
+from tests.support.gitserver import (
+    GitHttpServer,
+    StallingServer,
+    git_env,
+    make_repo,
+    rev_parse,
+)
 
 TOKEN = "ghs_S3cretTokenValue1234567890abcd"
 LIMIT = 50 * 1024 * 1024
@@ -324,3 +331,125 @@ async def test_remove_tree_handles_read_only(server: GitHttpServer, tmp_path: Pa
     remove_tree(dest)
     assert not dest.exists()
     remove_tree(dest)  # missing is fine
+
+
+# -- hostile trees (issue 11 item 3) ---------------------------------------------------------
+
+
+def _tree_bomb(path: Path, width: int) -> Path:
+    """A bare repository whose one commit checks out `width` x `width` directories, each
+    holding one small file, from a pack of four objects: identical trees are stored once."""
+    work = path.parent / f"{path.name}-build"
+    env = git_env()
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=work, env=env, input=stdin, capture_output=True, text=True,
+            check=True, timeout=60,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    work.mkdir(parents=True)
+    run("init", "-q", "-b", "main", ".")
+    blob = run("hash-object", "-w", "--stdin", stdin="x" * 100)
+    leaf = run("mktree", stdin=f"100644 blob {blob}\tf\n")
+    mid = run("mktree", stdin="".join(f"040000 tree {leaf}\td{i:03}\n" for i in range(width)))
+    top = run("mktree", stdin="".join(f"040000 tree {mid}\td{i:03}\n" for i in range(width)))
+    commit = run("commit-tree", top, "-m", "bomb")
+    run("update-ref", "refs/heads/main", commit)
+    run("clone", "-q", "--bare", ".", str(path))
+    return path
+
+
+def _worktree_entries(dest: Path) -> list[str]:
+    return [p.name for p in dest.iterdir() if p.name != ".git"] if dest.exists() else []
+
+
+async def test_tree_bomb_refused_before_checkout(root: Path, tmp_path: Path) -> None:
+    # 1.2 MB of file bytes but 100 x 100 directories: on disk ~80 MB of blocks and 20,000
+    # inodes. The byte limit used to count file bytes only and let it through.
+    bomb = _tree_bomb(root / "treebomb.git", 100)
+    pack_bytes = sum(f.stat().st_size for f in (bomb / "objects").rglob("*") if f.is_file())
+    dest = tmp_path / "r"
+    with GitHttpServer(root) as srv, pytest.raises(JobFailure) as info:
+        await clone(
+            srv.url_for("treebomb"), None, dest, token=None, timeout_s=60,
+            max_bytes=8 * 1024 * 1024,
+        )  # fmt: skip
+    usage, inodes = disk_usage(dest)
+    print(f"FIGURES tree bomb: objects {pack_bytes} B; refused: {info.value.message!r}; "
+          f"dest {usage} B in {inodes} entries")  # fmt: skip
+    assert info.value.code == "clone_failed" and not info.value.retryable
+    assert "size limit" in info.value.message
+    assert _worktree_entries(dest) == []  # refused before anything was checked out
+    assert usage < 1024 * 1024
+
+
+async def test_too_many_entries_refused_before_checkout(root: Path, tmp_path: Path) -> None:
+    _tree_bomb(root / "wide.git", 40)  # 40 + 1,600 directories, 1,600 files
+    dest = tmp_path / "r"
+    with GitHttpServer(root) as srv:
+        with pytest.raises(JobFailure) as info:
+            await clone(
+                srv.url_for("wide"), None, dest, token=None, timeout_s=60, max_bytes=LIMIT,
+                max_entries=1000,
+            )  # fmt: skip
+        assert "1000 files and directories" in info.value.message
+        assert _worktree_entries(dest) == []
+        ok = await clone(
+            srv.url_for("wide"), None, tmp_path / "ok", token=None, timeout_s=60,
+            max_bytes=LIMIT, max_entries=4000,
+        )  # fmt: skip
+    assert ok.bytes_on_disk >= 1640 * 4096 * 0.5  # directories' blocks are counted
+
+
+def test_disk_usage_counts_blocks_and_inodes(tmp_path: Path) -> None:
+    for i in range(50):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "f").write_bytes(b"x")
+    usage, inodes = disk_usage(tmp_path)
+    assert inodes == 100
+    assert usage > 50 * 1  # more than the 50 file bytes: blocks of files and directories
+    assert usage >= 50 * 512
+
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 12345\n"
+)
+
+
+async def test_lfs_tracked_files_stay_pointers(root: Path, tmp_path: Path) -> None:
+    # The image has no git-lfs: no LFS filter may be configured, or git fails on the first
+    # LFS-tracked file. Nothing is downloaded; the pointer text is what the CLI reads.
+    make_repo(
+        root / "tracked.git",
+        {
+            ".gitattributes": "*.bin filter=lfs diff=lfs merge=lfs -text\n",
+            "model.bin": LFS_POINTER,
+            "README.md": "# uses LFS\n",
+        },
+    )
+    dest = tmp_path / "r"
+    with GitHttpServer(root) as srv:
+        before = srv.request_count
+        result = await clone(
+            srv.url_for("tracked"), None, dest, token=None, timeout_s=30, max_bytes=LIMIT
+        )
+        paths = srv.paths()[before:]
+    assert result.commit == rev_parse(root / "tracked.git", "main")
+    assert (dest / "model.bin").read_text() == LFS_POINTER
+    assert not any("/info/lfs" in p for p in paths)  # no LFS batch API call
+
+
+def test_pinned_addresses_become_one_curlopt_resolve_entry() -> None:
+    env = _git_env(None)
+    count = int(env["GIT_CONFIG_COUNT"])
+    _pin_addresses(env, "https://git.example/o/r.git", ("140.82.121.4", "2001:db8::1"))
+    assert env["GIT_CONFIG_COUNT"] == str(count + 1)
+    assert env[f"GIT_CONFIG_KEY_{count}"] == "http.curloptResolve"
+    assert env[f"GIT_CONFIG_VALUE_{count}"] == "git.example:443:140.82.121.4,[2001:db8::1]"
+    literal = _git_env(None)
+    _pin_addresses(literal, "http://127.0.0.1:8080/r.git", ("127.0.0.1",))
+    assert literal == _git_env(None)  # an address literal is not looked up: nothing to pin

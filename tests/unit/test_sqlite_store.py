@@ -98,3 +98,61 @@ def test_restart_marks_own_orphans_interrupted(tmp_path: Path) -> None:
     j1, j2 = again.get_job("j1"), again.get_job("j2")
     assert j1 is not None and j1.status is JobStatus.FAILED and j1.error_code == "interrupted"
     assert j2 is not None and j2.status is JobStatus.ACCEPTED  # another worker's job is left alone
+
+
+async def test_finished_jobs_docs_and_events_are_pruned_after_the_retention(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    s = SqliteJobStore(
+        tmp_path / "db.sqlite3",
+        clock=clock,
+        worker_id="w1",
+        dedupe_ttl_s=DEDUPE_MIN_S,
+        retention_s=7 * 24 * 3600,
+    )
+    done = SPEC
+    running = JobSpec("j2", 1, "t" * 40, Repository("https://github.com/o/r.git", "main"))
+    for spec in (done, running):
+        s.record_start(f"{spec.key}", "fp", spec)
+        await s.claim(spec)
+        await s.progress(spec, Progress(1, JobStatus.ANALYZING, 1, 2, "step", ("log",)))
+    await s.put_docs(done, [Doc("a", "A", DocKind.CHAPTER, 1, "# A\n")])
+    await s.complete(done, 1, 10)
+    clock.advance(7 * 24 * 3600 - 1)
+    s.prune()
+    assert s.get_job("j1") is not None and s.list_docs("j1", 1)
+    clock.advance(2)
+    s.prune()
+    assert s.get_job("j1") is None
+    assert s.list_docs("j1", 1) == [] and s.events_since("j1", 0) == []
+    # A job still running is never pruned, however old.
+    assert s.get_job("j2") is not None and s.events_since("j2", 0)
+
+
+def test_a_failed_commit_is_a_store_error_and_leaves_no_transaction(tmp_path: Path) -> None:
+    import sqlite3
+
+    import pytest
+
+    from app.errors import StoreError
+
+    s = store(tmp_path, FakeClock())
+    real = s._db
+
+    class FullOnCommit:
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    s._db = FullOnCommit()  # type: ignore[assignment]
+    with pytest.raises(StoreError, match="disk is full"):
+        s.record_start("j1:1", "fp", SPEC)
+    s._db = real
+    assert not real.in_transaction
+    assert s.lookup_delivery("j1:1") is None  # rolled back
+    assert s.record_start("j1:1", "fp", SPEC).recorded

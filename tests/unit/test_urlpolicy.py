@@ -175,3 +175,34 @@ async def test_resolution_does_not_queue_behind_busy_default_threads() -> None:
     finally:
         release.set()
         await asyncio.gather(*blockers)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::a9fe:a9fe",  # NAT64 (RFC 6052) of 169.254.169.254, the metadata service
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b::a00:5",  # NAT64 of 10.0.0.5
+        "64:ff9b:1::a00:5",  # local-use NAT64 prefix (RFC 8215)
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "::a9fe:a9fe",  # IPv4-compatible (deprecated) form
+    ],
+)
+async def test_ipv6_forms_of_private_ipv4_are_refused(address: str) -> None:
+    policy = UrlPolicy(allowed_hosts=("nat64.example",))
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return [address]
+
+    with pytest.raises(UrlPolicyError, match="private"):
+        await policy.check("https://nat64.example/a/b.git", resolve)
+
+
+async def test_nat64_of_a_public_address_passes_and_addresses_are_kept() -> None:
+    policy = UrlPolicy(allowed_hosts=("nat64.example",))
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["64:ff9b::8c52:7904", "140.82.121.4"]  # NAT64 of 140.82.121.4, and itself
+
+    target = await policy.check("https://nat64.example/a/b.git", resolve)
+    assert target.addresses == ("64:ff9b::8c52:7904", "140.82.121.4")

@@ -1,0 +1,85 @@
+"""Phase `run_cli`: the Fondation CLI on the checkout, its output streamed into progress.
+Reads `workspace/repo`; the CLI writes `workspace/out`. Stops itself on the attempt's stop
+request (SIGTERM to its group, SIGKILL after the grace), so the runner does not cancel it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.adapters import process
+from app.config import DEFAULT_CLI_ENV, DENIED_ENV_PREFIXES
+from app.domain import FailureCode, JobStatus
+from app.errors import JobFailure
+from app.pipeline.attempt import Attempt
+from app.pipeline.reporting import StepClock
+
+STATUS = JobStatus.ANALYZING
+MESSAGE = "running the Fondation CLI"
+
+
+@dataclass(frozen=True, slots=True)
+class CliInput:
+    repo_dir: Path
+    out_dir: Path
+    commit: str  # what was checked out (logged; resume keys its checkpoint on it)
+
+
+@dataclass(frozen=True, slots=True)
+class CliOutput:
+    out_dir: Path
+    duration_s: float
+    lines: int
+
+
+async def run_cli(attempt: Attempt, inp: CliInput) -> CliOutput:
+    deps, s = attempt.deps, attempt.deps.settings
+    argv = process.build_argv(
+        s.fondation_command,
+        repo_dir=inp.repo_dir,
+        output_dir=inp.out_dir,
+        options=attempt.spec.options,
+    )
+    env = process.build_env(
+        deps.environ,
+        allow=(*DEFAULT_CLI_ENV, *s.cli_env_passthrough),
+        deny_prefixes=DENIED_ENV_PREFIXES,
+    )
+    step_clock = StepClock(deps.metrics, attempt.ctx, attempt.now())
+
+    def on_lines(lines: list[str]) -> None:
+        # Called once per read with every line of it: per-line work stays in C.
+        deps.metrics.cli_output_lines.inc(len(lines))
+        now = attempt.now()
+        for update in attempt.tracker.feed_many(deps.redactor.scrub_lines(lines), now):
+            step_clock.observe(update.current_step, update.total_steps, update.message, now)
+            attempt.sender.push(update)
+
+    result = await process.run_cli(
+        argv,
+        env=env,
+        cwd=attempt.workspace.root,
+        timeout_s=s.job_timeout_s,
+        term_grace_s=deps.term_grace_s,
+        on_lines=on_lines,
+        stop=attempt.run.stop,
+        tail_lines=s.log_tail_lines,
+    )
+    step_clock.finish(attempt.now())
+    output = CliOutput(inp.out_dir, result.duration_s, result.lines)
+    if result.stopped or attempt.run.stop.is_set():
+        return output  # the runner sees the stop request
+    if result.timed_out:
+        # Not retryable: the next attempt would run as long.
+        raise JobFailure(
+            FailureCode.TIMEOUT, f"the CLI ran longer than JOB_TIMEOUT_S={s.job_timeout_s:g}"
+        )
+    if result.exit_code != 0:
+        tail = "\n".join(result.failure_tail[-15:])
+        # The CLI calls a remote model: transient errors are common, another attempt may pass.
+        raise JobFailure(
+            FailureCode.CLI_FAILED,
+            f"the CLI exited with code {result.exit_code}\n{tail}",
+            retryable=True,
+        )
+    return output
