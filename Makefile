@@ -18,6 +18,14 @@ deploy/node_modules/.installed: deploy/package.json deploy/package-lock.json
 	cd deploy && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+## The Convex component, built and packed, installed from its tarball into the example host
+## app (offline), as a host app installs it. The bridge and the Convex tests use that copy.
+COMPONENT_SRC := $(shell find deploy/convex/src -name '*.ts' 2>/dev/null) deploy/convex/package.json deploy/convex/tsconfig.build.json
+EXAMPLE := deploy/convex/example/node_modules/.installed
+$(EXAMPLE): deploy/node_modules/.installed deploy/convex/example/package.json deploy/convex/pack-example.sh $(COMPONENT_SRC)
+	sh deploy/convex/pack-example.sh
+	touch $@
+
 $(DEV_SECRET):
 	mkdir -p var
 	$(PY) -c 'import base64,secrets;print("whsec_"+base64.b64encode(secrets.token_bytes(32)).decode())' > $@
@@ -51,20 +59,20 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check app tests deploy bench
 	$(BIN)/mypy
 
-pytest: $(STAMP) deploy/node_modules/.installed
+pytest: $(STAMP) $(EXAMPLE)
 	$(BIN)/pytest -q -p no:cacheprovider
 
-js-test: deploy/node_modules/.installed
+js-test: $(EXAMPLE)
 	cd deploy && npm run typecheck && npm test
 
 ## Run every test: lint, type checks, Python tests (unit, app, end to end) and the Convex tests.
 test: lint pytest js-test
 
-bench: $(STAMP) deploy/node_modules/.installed
+bench: $(STAMP) $(EXAMPLE)
 	$(BIN)/python -m bench
 
-bench-smoke: $(STAMP) deploy/node_modules/.installed
+bench-smoke: $(STAMP) $(EXAMPLE)
 	$(BIN)/python -m bench --smoke
 
 clean:
-	rm -rf $(VENV) deploy/node_modules var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) deploy/node_modules deploy/convex/dist deploy/convex/example/node_modules deploy/convex/example/vendor var .pytest_cache .mypy_cache .ruff_cache

@@ -55,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         redactor = Redactor(settings.secret_values())  # shared: logs and job reports
         configure_logging(settings.log_level, redactor)
+        from app.isolation import secure_startup
+
+        try:
+            secure_startup(settings)  # before anything is written or any child started
+        except ConfigError as exc:
+            print(f"fondation-worker: configuration error: {exc}", file=sys.stderr)
+            return 2
         serve(settings, env, redactor)
         return 0
     if args.command == "run-one":

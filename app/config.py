@@ -72,6 +72,7 @@ class Settings:
     port: int = 8080
     log_level: str = "INFO"
     cli_env_passthrough: tuple[str, ...] = ()
+    cli_user: str | None = None  # run the CLI as this user (name or uid:gid); see app/isolation
     log_tail_lines: int = 40
     cockpit_metrics_url: str | None = None
     cockpit_token: str | None = field(default=None, repr=False)
@@ -194,6 +195,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         port=_get(env, "PORT", 8080, _positive(int)),
         log_level=_get(env, "LOG_LEVEL", "INFO", str.upper),
         cli_env_passthrough=_get(env, "CLI_ENV_PASSTHROUGH", (), _csv),
+        cli_user=_get(env, "CLI_USER", None, str),
         cockpit_metrics_url=_get(env, "COCKPIT_METRICS_URL", None, str),
         cockpit_token=_get(env, "COCKPIT_TOKEN", None, str),
         metrics_push_interval_s=_get(env, "METRICS_PUSH_INTERVAL_S", 60.0, _positive(float)),

@@ -20,6 +20,7 @@ from app.clock import Clock
 from app.config import Settings
 from app.domain import Failure, FailureCode, JobSpec
 from app.errors import CallbackError, WorkerError
+from app.isolation import CliSandbox
 from app.logs import Redactor
 from app.metrics import Metrics
 from app.pipeline import RunnerDeps, RunState, StopReason, Workspace, run_attempt
@@ -70,6 +71,7 @@ class JobManager:
                 allow_insecure=settings.allow_insecure_git,
                 allow_private=settings.allow_private_networks,
             ),
+            sandbox=CliSandbox.from_settings(settings),
         )
         self._running: dict[str, RunState] = {}
         self._draining = False

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from app.adapters.proctree import reap_forever
 from app.adapters.sqlite_store import SqliteJobStore
 from app.adapters.store import JobReporter
 from app.board.auth import ApiGate
@@ -156,6 +157,7 @@ def create_app(
                 )
         pruner = asyncio.create_task(_prune_forever(store))
         board.start()
+        reaper = asyncio.create_task(reap_forever())  # orphans reparented to this subreaper
         pusher: asyncio.Task[None] | None = None
         if settings.cockpit_metrics_url and settings.cockpit_token:
             pusher = asyncio.create_task(
@@ -181,6 +183,7 @@ def create_app(
         finally:
             pruner.cancel()
             await board.stop()
+            reaper.cancel()
             if not manager.draining or manager.running_count:
                 await manager.drain(settings.shutdown_grace_s)
             if pusher is not None:  # after the drain, so the final job outcomes are pushed

@@ -1,16 +1,19 @@
-"""Dispatch latency: from a Convex `fondation:create` to the CLI process starting.
+"""Dispatch latency: from the host's enqueue (`jobs:create` of the example host app, which calls
+`fondation.enqueue`) to the CLI process starting.
 
 Both designs run against the same convex-test bridge (`deploy/bridge/server.ts`, one Node
-process) and a real worker whose FONDATION_COMMAND is `bench/paced_cli.py --stamp FILE`: the
-CLI's first act is to append `time.time()` and its output directory (which names the job) to
-FILE. The benchmark takes `time.time()` just before the `create` call. A small repository is
-cloned from a git server on 127.0.0.1 in both designs, so the clone is in both numbers.
+process serving the example host app with the component) and a real worker whose
+FONDATION_COMMAND is `bench/paced_cli.py --stamp FILE`: the CLI's first act is to append
+`time.time()` and its output directory (which names the job) to FILE. The benchmark takes
+`time.time()` just before the enqueue. A small repository is cloned from a git server on
+127.0.0.1 in both designs, so the clone is in both numbers.
 
-* push (this design): the bridge has WORKER_URL; `create` schedules the signed webhook at once;
-  the worker (CONVEX_URL = the bridge) acks, claims through the bridge, clones, starts the CLI.
-* poll (the seed's design, simulated): the bridge has no WORKER_URL, so nothing is pushed; a
-  poller thread reads the jobs table every 5 s (`GET /__test/table/jobs`, pending or dispatched
-  jobs it has not started yet) and starts each one on an embedded worker with a signed
+* push (this design): the bridge has FONDATION_WORKER_URL; the enqueue kicks the component's
+  loop, which schedules the signed webhook at once; the worker (CONVEX_URL = the bridge) acks,
+  claims through the host's `fondation:claim`, clones, starts the CLI.
+* poll (the seed's design, simulated): the bridge has no worker URL, so nothing is pushed; a
+  poller thread reads the runs every 5 s (`GET /__test/runs`, pending or dispatched runs it has
+  not started yet) and starts each one on an embedded worker with a signed
   `job.start` (no claim round trip to the bridge: a few ms in favour of the poller).
 
 Also reported: create → the worker's `job claimed` log line (the dispatch alone, without
@@ -111,7 +114,7 @@ def _measure(
     rng = random.Random(7)
     for _ in range(samples):
         t0 = time.time()
-        job_id = bridge.mutation("fondation:create", {"repositoryUrl": repo_url, "ref": "main"})
+        job_id = bridge.create(repo_url)
         created[job_id] = t0
         wait_for(lambda j=job_id: j in _stamps(stamp), 30, f"the CLI of job {job_id}")
         time.sleep(rng.uniform(0.0, pause_s))
@@ -138,7 +141,7 @@ class Poller:
     def _loop(self) -> None:
         while not self.stop.wait(POLL_INTERVAL_S):
             try:
-                for job in self.bridge.table("jobs"):
+                for job in self.bridge.runs():
                     job_id = str(job["_id"])
                     if job_id in self.started or job["status"] not in ("pending", "dispatched"):
                         continue
@@ -167,7 +170,7 @@ class Poller:
 def run(smoke: bool) -> list[Result]:
     res = Result("dispatch")
     if not node_ready():
-        res.note("NOT RUN: node or deploy/node_modules missing (run `cd deploy && npm ci`)")
+        res.note("NOT RUN: node, deploy/node_modules or the packed component missing (make test)")
         return [res]
     push_n, poll_n = (4, 3) if smoke else (20, 12)
     with bench_dir("dispatch") as tmp:
@@ -179,9 +182,9 @@ def run(smoke: bool) -> list[Result]:
             stamp = tmp / "push" / "stamps.txt"
             port = free_port()
             bridge_env = {
-                "WORKER_URL": f"http://127.0.0.1:{port}",
-                "WEBHOOK_SECRET": SECRET,
-                "MAX_PARALLEL": "4",
+                "FONDATION_WORKER_URL": f"http://127.0.0.1:{port}",
+                "FONDATION_WEBHOOK_SECRET": SECRET,
+                "FONDATION_MAX_PARALLEL": "4",
             }
             with (
                 ConvexBridge(tmp / "push" / "bridge.log", **bridge_env) as bridge,
@@ -193,7 +196,7 @@ def run(smoke: bool) -> list[Result]:
                     FONDATION_COMMAND=_command(stamp),
                 ),
             ):
-                bridge.mutation("fondation:create", {"repositoryUrl": url, "ref": "main"})
+                bridge.create(url)
                 wait_for(lambda: len(_stamps(stamp)) >= 1, 30, "the warm-up job's CLI")
                 created = _measure(bridge, url, stamp, push_n, 1.0)
                 push = _latencies(created, _stamps(stamp))
@@ -202,7 +205,7 @@ def run(smoke: bool) -> list[Result]:
             (tmp / "poll").mkdir()
             stamp = tmp / "poll" / "stamps.txt"
             with (
-                ConvexBridge(tmp / "poll" / "bridge.log", MAX_PARALLEL="100") as bridge,
+                ConvexBridge(tmp / "poll" / "bridge.log", FONDATION_MAX_PARALLEL="100") as bridge,
                 _worker(
                     tmp / "poll",
                     free_port(),

@@ -4,8 +4,10 @@ export default defineConfig({
   test: {
     // Convex functions run in a Workers-like runtime; edge-runtime is the closest offline.
     environment: "edge-runtime",
-    server: { deps: { inline: ["convex-test"] } },
-    include: ["tests/**/*.test.ts"],
+    // The component comes from the example's node_modules (its packed tarball); inline it so
+    // vite handles its `import.meta.glob` (src/test.ts), as for convex-test itself.
+    server: { deps: { inline: ["convex-test", "@fondation/convex-worker"] } },
+    include: ["tests/**/*.test.ts", "convex/example/tests/**/*.test.ts"],
     // The bridge test starts a child process; keep its own timeouts inside this bound.
     testTimeout: 30_000,
   },

@@ -137,7 +137,14 @@ def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
     return _URL_USERINFO.sub("***@", text)
 
 
-def _git_env(token: str | None) -> dict[str, str]:
+def _header_key(url: str) -> str:
+    """`http.<origin>/.extraHeader`: git sends the header only to URLs of the repository's own
+    scheme, host and port (a token is for one host: issue 11, item 11)."""
+    parts = urlsplit(url)
+    return f"http.{parts.scheme.lower()}://{parts.netloc.lower()}/.extraHeader"
+
+
+def _git_env(token: str | None, url: str) -> dict[str, str]:
     config: list[tuple[str, str]] = [
         ("protocol.file.allow", "never"),
         ("protocol.ext.allow", "never"),
@@ -157,7 +164,7 @@ def _git_env(token: str | None) -> dict[str, str]:
         # nothing is downloaded, and the CLI reads a 130-byte pointer.
     ]
     if token:
-        config.append(("http.extraHeader", f"Authorization: Basic {_basic_value(token)}"))
+        config.append((_header_key(url), f"Authorization: Basic {_basic_value(token)}"))
     env = {
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_ASKPASS": "true",
@@ -457,7 +464,7 @@ def _clone_sync(
         secrets,
         ref or "default branch",
     )
-    env = _git_env(token)
+    env = _git_env(token, url)
     _pin_addresses(env, url, addresses)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):

@@ -2,31 +2,38 @@
 supervised subprocess in its own process group with bounded-memory line reading.
 
 Nothing here uses a shell. The CLI's whole process group is stopped on timeout or on request
-(SIGTERM, a grace period, then SIGKILL), and any process left in the group after the leader
-exits is killed too, so a job never leaves stray processes or zombies behind.
+(SIGTERM, a grace period, then SIGKILL), and once the leader exits every descendant it left is
+killed too, also one that left the group with `setsid()` (`app.adapters.proctree` follows them
+by ancestry), so a job never leaves stray processes or zombies behind. The CLI can run as
+another user (`RunAs`) when the worker may switch to one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.adapters.proctree import REAPER, SCAN_INTERVAL_S, JobProcesses
 from app.domain import JobOptions
 from app.errors import ConfigError
 
 __all__ = [
     "TRUNCATED_MARK",
     "CliResult",
+    "RunAs",
     "build_argv",
     "build_env",
     "cli_env_allowlist",
@@ -41,6 +48,8 @@ TRUNCATED_MARK = " …[truncated]"
 _CHUNK = 65536
 _COALESCE_S = 0.01  # at most ~100 wake-ups per second per stream for a chatty CLI
 _DRAIN_AFTER_EXIT_S = 5.0
+# The CLI's first process (see app/adapters/cli_shim.py): isolated mode, no site packages.
+_SHIM = (sys.executable, "-I", "-S", str(Path(__file__).with_name("cli_shim.py")))
 
 
 def build_argv(
@@ -112,6 +121,14 @@ def build_env(
         env[name] = environ[name]
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    """The unprivileged user and group the CLI runs as (no supplementary groups)."""
+
+    uid: int
+    gid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +241,21 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+async def _follow(tree: JobProcesses, proc: asyncio.subprocess.Process) -> None:
+    """Record the CLI's descendants while it runs, so one that leaves the group is known, and
+    reap those that die as orphans of the worker. Once the leader has exited, end everything
+    it left: asyncio's `wait()` returns only when the pipes close, and a descendant holding
+    stdout (a daemon in a session of its own) would otherwise hold it, and the job, forever."""
+    while True:
+        await asyncio.sleep(SCAN_INTERVAL_S)
+        if proc.returncode is None:
+            tree.scan()
+        else:
+            _killpg(tree.leader, signal.SIGKILL)
+            await tree.end()
+        REAPER.reap()
+
+
 async def run_cli(
     argv: Sequence[str],
     *,
@@ -235,8 +267,10 @@ async def run_cli(
     stop: asyncio.Event,
     tail_lines: int = 40,
     max_line_bytes: int = 65536,
+    run_as: RunAs | None = None,
 ) -> CliResult:
-    """Run `argv` without a shell in its own process group and supervise it.
+    """Run `argv` without a shell in its own process group and supervise it, under
+    `cli_shim`, a child subreaper that keeps every descendant in the job's process tree.
 
     stdout and stderr are read concurrently; every line (decoded as UTF-8 with replacement,
     cut at `max_line_bytes` and marked with `TRUNCATED_MARK`) goes to `on_lines`, a batch per
@@ -248,8 +282,15 @@ async def run_cli(
     """
     if not argv:
         raise ValueError("empty argv")
+    program = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+    if program is None:  # the shim could only exit 127
+        raise FileNotFoundError(errno.ENOENT, "cannot start the CLI", argv[0])
     started = time.monotonic()
+    user = [] if run_as is None else ["--uid", str(run_as.uid), "--gid", str(run_as.gid)]
     proc = await asyncio.create_subprocess_exec(
+        *_SHIM,
+        *user,
+        "--",
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -259,6 +300,8 @@ async def run_cli(
         start_new_session=True,
     )
     pgid = proc.pid  # start_new_session: the child leads its own session and group
+    tree = JobProcesses(proc.pid)
+    follower = asyncio.ensure_future(_follow(tree, proc))
     sink = _Lines(on_lines, tail_lines)
     assert proc.stdout is not None and proc.stderr is not None
     readers = asyncio.gather(
@@ -278,14 +321,16 @@ async def run_cli(
             else:
                 timed_out = True
             _killpg(pgid, signal.SIGTERM)
+            tree.signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), timeout=term_grace_s)
             except TimeoutError:
                 killed = True
                 _killpg(pgid, signal.SIGKILL)
                 await waiter
-        # The leader is gone; nothing of its group may outlive it.
+        # The leader is gone; nothing it started may outlive it, in its group or not.
         _killpg(pgid, signal.SIGKILL)
+        await tree.end()
         try:
             await asyncio.wait_for(asyncio.shield(readers), timeout=_DRAIN_AFTER_EXIT_S)
         except TimeoutError:
@@ -295,6 +340,9 @@ async def run_cli(
             )
     finally:
         stopper.cancel()
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
         if proc.returncode is None:  # cancelled or failed mid-way: never leave it running
             _killpg(pgid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
@@ -302,6 +350,7 @@ async def run_cli(
         if not waiter.done():
             await asyncio.shield(waiter)
         _killpg(pgid, signal.SIGKILL)
+        await asyncio.shield(tree.end())
         if not readers.done():
             readers.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

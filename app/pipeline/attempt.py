@@ -14,6 +14,7 @@ from app.adapters.store import JobReporter
 from app.clock import Clock
 from app.config import Settings
 from app.domain import JobSpec, JobStatus
+from app.isolation import CliSandbox
 from app.logs import Redactor
 from app.metrics import Metrics
 from app.pipeline.reporting import ProgressSender
@@ -57,6 +58,7 @@ class RunnerDeps:
     resolver: Resolver
     redactor: Redactor
     policy: UrlPolicy
+    sandbox: CliSandbox = field(default_factory=CliSandbox)
 
     @property
     def term_grace_s(self) -> float:

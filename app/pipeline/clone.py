@@ -30,13 +30,18 @@ async def clone(attempt: Attempt, inp: CloneInput) -> git.CloneResult:
         target = await deps.policy.check(inp.url, deps.resolver)
     except UrlPolicyError as exc:
         raise JobFailure(FailureCode.CLONE_FAILED, exc.reason, retryable=False) from None
-    return await git.clone(
-        inp.url,
-        inp.ref,
-        inp.dest,
-        token=attempt.clone_token,
-        timeout_s=deps.settings.clone_timeout_s,
-        max_bytes=deps.settings.clone_max_bytes,
-        max_entries=deps.settings.clone_max_files,
-        addresses=target.addresses,  # git connects to what was checked, no new lookup
+    # The sandbox's gate: a clone holding a token never runs while a same-uid CLI could
+    # read its environment (a factory, so a stop while waiting leaves nothing un-awaited).
+    return await deps.sandbox.clone(
+        lambda: git.clone(
+            inp.url,
+            inp.ref,
+            inp.dest,
+            token=attempt.clone_token,
+            timeout_s=deps.settings.clone_timeout_s,
+            max_bytes=deps.settings.clone_max_bytes,
+            max_entries=deps.settings.clone_max_files,
+            addresses=target.addresses,  # git connects to what was checked, no new lookup
+        ),
+        holds_token=bool(attempt.clone_token),
     )

@@ -4,6 +4,7 @@ request (SIGTERM to its group, SIGKILL after the grace), so the runner does not 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,9 @@ async def run_cli(attempt: Attempt, inp: CliInput) -> CliOutput:
         allow=(*DEFAULT_CLI_ENV, *s.cli_env_passthrough),
         deny_prefixes=DENIED_ENV_PREFIXES,
     )
+    env = await asyncio.to_thread(
+        deps.sandbox.prepare, attempt.workspace.root, inp.repo_dir, inp.out_dir, env
+    )
     step_clock = StepClock(deps.metrics, attempt.ctx, attempt.now())
 
     def on_lines(lines: list[str]) -> None:
@@ -55,16 +59,18 @@ async def run_cli(attempt: Attempt, inp: CliInput) -> CliOutput:
             step_clock.observe(update.current_step, update.total_steps, update.message, now)
             attempt.sender.push(update)
 
-    result = await process.run_cli(
-        argv,
-        env=env,
-        cwd=attempt.workspace.root,
-        timeout_s=s.job_timeout_s,
-        term_grace_s=deps.term_grace_s,
-        on_lines=on_lines,
-        stop=attempt.run.stop,
-        tail_lines=s.log_tail_lines,
-    )
+    async with deps.sandbox.cli_slot():
+        result = await process.run_cli(
+            argv,
+            env=env,
+            cwd=attempt.workspace.root,
+            timeout_s=s.job_timeout_s,
+            term_grace_s=deps.term_grace_s,
+            on_lines=on_lines,
+            stop=attempt.run.stop,
+            tail_lines=s.log_tail_lines,
+            run_as=deps.sandbox.run_as,
+        )
     step_clock.finish(attempt.now())
     output = CliOutput(inp.out_dir, result.duration_s, result.lines)
     if result.stopped or attempt.run.stop.is_set():

@@ -1,24 +1,53 @@
 /**
- * A local stand-in for a Convex deployment: one in-memory convex-test backend with the
- * `convex/` functions of this repo, served over the Convex HTTP API so the worker (or any
- * client) can talk to it as to `https://<name>.convex.cloud`.
+ * A local stand-in for a Convex deployment: one in-memory convex-test backend running the
+ * example host app (deploy/convex/example/convex) with the component registered from its
+ * installed tarball, exactly as a host installs it, served over the Convex HTTP API so the
+ * worker (or any client) can talk to it as to `https://<name>.convex.cloud`.
  *
- *   npx tsx bridge/server.ts          (from deploy/)
+ *   npx tsx bridge/server.ts          (from deploy/, after convex/pack-example.sh)
  *
- * Env: PORT (0 = any free port), plus what the Convex functions read: WORKER_URL,
- * WEBHOOK_SECRET, MAX_PARALLEL, LEASE_MS, CLAIM_TIMEOUT_MS, DISPATCH_TIMEOUT_MS, RETRY_BASE_MS,
- * RETRY_MAX_MS, MAX_ATTEMPTS, LOG_LIMIT, GIT_CLONE_TOKEN; SWEEP_INTERVAL_MS runs
- * `fondation:sweep` on that interval (convex-test has no cron runner).
+ * Env: PORT (0 = any free port), plus what the host's `Fondation` client reads:
+ * FONDATION_WORKER_URL, FONDATION_WEBHOOK_SECRET, FONDATION_MAX_PARALLEL, FONDATION_LEASE_MS,
+ * FONDATION_CLAIM_TIMEOUT_MS, FONDATION_DISPATCH_TIMEOUT_MS, FONDATION_RETRY_BASE_MS,
+ * FONDATION_RETRY_MAX_MS, FONDATION_MAX_ATTEMPTS, FONDATION_SWEEP_INTERVAL_MS.
  *
- * Scheduled functions (dispatch after `create`, backoff pumps) run on real timers.
+ * `/api/{query,mutation,action}` reach only the host's public functions (as on Convex: the
+ * component's functions are not reachable from outside). `/__test/*` is for tests: any host
+ * function, host and component tables. Scheduled functions (the component's loop, dispatch,
+ * backoff) run on real timers.
  */
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { convexTest } from "convex-test";
 import { makeFunctionReference } from "convex/server";
 import { ConvexError, convexToJson, jsonToConvex, type Value } from "convex/values";
-import schema from "../convex/schema.ts";
-import { modules } from "./modules.ts";
+import { readdirSync, statSync } from "node:fs";
+import { join, relative } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import schema from "../convex/example/convex/schema.ts";
+
+const HOST_DIR = fileURLToPath(new URL("../convex/example/convex/", import.meta.url));
+const COMPONENT_DIR = fileURLToPath(
+  new URL("../convex/example/node_modules/@fondation/convex-worker/dist/component/", import.meta.url),
+);
+
+/** `import.meta.glob` by hand (no vite here): module path → loader, for convex-test. */
+function glob(dir: string, ext: ".ts" | ".js"): Record<string, () => Promise<any>> {
+  const out: Record<string, () => Promise<any>> = {};
+  const walk = (d: string) => {
+    for (const name of readdirSync(d)) {
+      const path = join(d, name);
+      if (statSync(path).isDirectory()) walk(path);
+      else if (name.endsWith(ext) && !name.endsWith(".d.ts") && !name.endsWith(".test.ts")) {
+        const url = pathToFileURL(path).href;
+        out[`./${relative(dir, path)}`] = () => import(url);
+      }
+    }
+  };
+  walk(dir);
+  return out;
+}
+const modules = glob(HOST_DIR, ".ts");
 
 type Kind = "query" | "mutation" | "action";
 type Fn = { isQuery?: boolean; isMutation?: boolean; isAction?: boolean; isPublic?: boolean; isInternal?: boolean };
@@ -26,7 +55,11 @@ type Fn = { isQuery?: boolean; isMutation?: boolean; isAction?: boolean; isPubli
 const MAX_BODY = 16 * 1024 * 1024; // Convex's argument size limit
 const SECRET_KEYS = new Set(["callbackToken", "cloneToken"]);
 
-const t = convexTest(schema, modules);
+const t = convexTest({ schema, modules, transactionLimits: true });
+const componentSchema = (await import(pathToFileURL(join(COMPONENT_DIR, "schema.js")).href)).default;
+t.registerComponent("fondation", componentSchema, glob(COMPONENT_DIR, ".js"));
+const inComponent = <R>(fn: (ctx: any) => Promise<R>): Promise<R> =>
+  (t as unknown as { runInComponent: (p: string, f: typeof fn) => Promise<R> }).runInComponent("fondation", fn);
 
 export interface CallRecord {
   endpoint: string;
@@ -82,7 +115,7 @@ async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> 
 /** Look a function up the way the backend does; errors read like Convex's. */
 async function resolve(path: string, kind: Kind | "any", publicOnly: boolean): Promise<Kind> {
   const [modulePath, exportName = "default"] = path.replace(/\.(js|ts)(?=:|$)/, "").split(":");
-  const loader = modules[`../convex/${modulePath}.ts`] ?? modules[`../convex/${modulePath}.js`];
+  const loader = modules[`./${modulePath}.ts`];
   const fn = (loader ? ((await loader()) as Record<string, Fn | undefined>)[exportName] : undefined) ?? undefined;
   const found = fn && (fn.isQuery || fn.isMutation || fn.isAction) && (!publicOnly || fn.isPublic);
   if (!found) {
@@ -151,14 +184,26 @@ async function callFunction(
   }
 }
 
-async function dumpTable(name: string): Promise<unknown[]> {
+async function dumpTable(name: string, component: boolean): Promise<unknown[]> {
   if (!/^_?[A-Za-z][A-Za-z0-9_]*$/.test(name)) throw new BadRequest("BadTableName", `bad table name ${name}`);
-  const rows = await t.run(async (ctx) =>
-    name.startsWith("_")
-      ? ctx.db.system.query(name as "_scheduled_functions").collect()
-      : ctx.db.query(name as "jobs").collect(),
-  );
-  return rows.map((r) => convexToJson(r as unknown as Value));
+  const read = async (ctx: any) =>
+    name.startsWith("_") ? ctx.db.system.query(name).collect() : ctx.db.query(name).collect();
+  const rows: any[] = component ? await inComponent(read) : await t.run(read);
+  return rows.map((r) => convexToJson(r as Value));
+}
+
+/** The component's runs, each with its lease's counters (never the token hash). */
+async function dumpRuns(): Promise<unknown[]> {
+  const rows = await inComponent(async (ctx) => {
+    const runs = await ctx.db.query("runs").collect();
+    const leases = new Map<string, any>();
+    for (const l of await ctx.db.query("leases").collect()) leases.set(l.runId, l);
+    return runs.map((r: any) => {
+      const l = leases.get(r._id);
+      return { ...r, lastSeq: l?.lastSeq ?? 0, leaseUntil: l?.leaseUntil, sends: l?.sends ?? 0 };
+    });
+  });
+  return rows.map((r: unknown) => convexToJson(r as Value));
 }
 
 async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -178,8 +223,12 @@ async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> 
       return send(res, 200, { ok: true });
     }
     if (req.method === "GET" && route.startsWith("/__test/table/")) {
-      return send(res, 200, await dumpTable(decodeURIComponent(route.slice("/__test/table/".length))));
+      return send(res, 200, await dumpTable(decodeURIComponent(route.slice("/__test/table/".length)), false));
     }
+    if (req.method === "GET" && route.startsWith("/__test/component/")) {
+      return send(res, 200, await dumpTable(decodeURIComponent(route.slice("/__test/component/".length)), true));
+    }
+    if (req.method === "GET" && route === "/__test/runs") return send(res, 200, await dumpRuns());
     if (req.method === "GET" && route === "/__test/health") return send(res, 200, { ok: true });
     send(res, 404, { code: "NotFound", message: `no route ${req.method} ${url.pathname}` });
   } catch (e) {
@@ -192,18 +241,7 @@ const server = createServer((req, res) => {
   void handle(req, res);
 });
 
-const sweepMs = Number(process.env.SWEEP_INTERVAL_MS ?? "");
-let sweeper: NodeJS.Timeout | undefined;
-if (Number.isFinite(sweepMs) && sweepMs > 0) {
-  sweeper = setInterval(() => {
-    t.mutation(makeFunctionReference<"mutation">("fondation:sweep"), {}).catch((e: Error) => {
-      process.stderr.write(`sweep failed: ${e.message}\n`);
-    });
-  }, sweepMs);
-}
-
 function shutdown(): void {
-  if (sweeper) clearInterval(sweeper);
   server.close(() => process.exit(0));
   // Keep-alive clients must not hold the exit hostage.
   setTimeout(() => process.exit(0), 1_000).unref();

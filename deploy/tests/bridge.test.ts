@@ -8,8 +8,9 @@ import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { verify } from "../convex/signing";
-import { SECRET } from "./helpers";
+import { verify } from "../convex/src/component/signing";
+
+const SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 const deployDir = fileURLToPath(new URL("..", import.meta.url));
 type Hook = { headers: IncomingMessage["headers"]; body: string; json: any };
@@ -48,6 +49,8 @@ async function post(path: string, body: unknown): Promise<{ status: number; json
 }
 const mutation = (path: string, args: unknown) => post("/api/mutation", { path, args, format: "json" });
 const query = (path: string, args: unknown) => post("/api/query", { path, args, format: "json" });
+const run = (path: string, args: unknown) => post("/__test/run", { path, args });
+const get = async (path: string) => (await fetch(`${bridgeUrl}${path}`, { signal: AbortSignal.timeout(5_000) })).json();
 
 beforeAll(async () => {
   worker = createServer((req, res) => {
@@ -68,12 +71,12 @@ beforeAll(async () => {
     env: {
       ...process.env,
       PORT: "0",
-      WORKER_URL: `http://127.0.0.1:${workerPort}`,
-      WEBHOOK_SECRET: SECRET,
-      MAX_PARALLEL: "1",
-      CLAIM_TIMEOUT_MS: "300",
-      SWEEP_INTERVAL_MS: "100",
-      RETRY_BASE_MS: "50",
+      FONDATION_WORKER_URL: `http://127.0.0.1:${workerPort}`,
+      FONDATION_WEBHOOK_SECRET: SECRET,
+      FONDATION_MAX_PARALLEL: "1",
+      FONDATION_CLAIM_TIMEOUT_MS: "300",
+      FONDATION_SWEEP_INTERVAL_MS: "100",
+      FONDATION_RETRY_BASE_MS: "50",
     },
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -104,11 +107,11 @@ afterAll(async () => {
 });
 
 describe("HTTP bridge", () => {
-  it("create dispatches a signed webhook to the worker; callbacks work over /api/mutation", async () => {
-    const created = await mutation("fondation:create", { repositoryUrl: "https://github.com/owner/repo.git", ref: "main" });
+  it("a host job dispatches a signed webhook to the worker; callbacks work over /api/mutation", async () => {
+    const created = await run("jobs:create", { userId: "u1", repositoryUrl: "https://github.com/owner/repo.git", ref: "main" });
     expect(created.status).toBe(200);
     expect(created.json).toMatchObject({ status: "success", logLines: [] });
-    const jobId = created.json.value as string;
+    const { jobId: hostJobId, runId: jobId } = created.json.value as { jobId: string; runId: string };
 
     const hook = await waitFor("the job.start webhook", () => hooks.find((h) => h.json.data?.jobId === jobId));
     expect(hook.headers["webhook-id"]).toBe(`${jobId}:1`);
@@ -129,36 +132,50 @@ describe("HTTP bridge", () => {
     expect(put.json.value).toEqual({ ok: true, stored: 1 });
     expect((await mutation("fondation:complete", { ...auth, docsCount: 1, durationMs: 10 })).json.value).toEqual({ ok: true });
 
-    const got = await query("fondation:get", { jobId });
+    const got = await run("jobs:runStatus", { runId: jobId });
     expect(got.status).toBe(200);
     expect(got.json.value.status).toBe("completed");
-    expect(JSON.stringify(got.json.value)).not.toContain(callbackToken);
-    expect((await query("fondation:listDocs", { jobId })).json.value).toHaveLength(1);
-    expect((await query("fondation:recentLogs", { jobId })).json.value.map((l: any) => l.line)).toEqual(["hello"]);
+    const docs = await run("jobs:runDocs", { runId: jobId, paginationOpts: { numItems: 10, cursor: null } });
+    expect(docs.json.value.page).toHaveLength(1);
 
-    const calls = await (await fetch(`${bridgeUrl}/__test/calls`, { signal: AbortSignal.timeout(5_000) })).json();
+    const calls = await get("/__test/calls");
     expect(calls.map((c: any) => c.path)).toContain("fondation:claim");
     expect(JSON.stringify(calls)).not.toContain(callbackToken);
+    // Nothing stored anywhere holds the token in clear.
+    for (const table of ["runs", "leases", "docs"]) {
+      expect(JSON.stringify(await get(`/__test/component/${table}`))).not.toContain(callbackToken);
+    }
 
-    const jobs = await (await fetch(`${bridgeUrl}/__test/table/jobs`, { signal: AbortSignal.timeout(5_000) })).json();
-    expect(jobs.find((j: any) => j._id === jobId).status).toBe("completed");
+    // The host's own rows, in the host's shape.
+    const job = (await get("/__test/table/jobs")).find((j: any) => j._id === hostJobId);
+    expect(job).toMatchObject({ status: "completed", userId: "u1", docsCount: 1 });
+    expect(typeof job.progress).toBe("string");
+    expect(typeof job.completedAt).toBe("number");
+    expect((await get("/__test/table/jobLogs")).map((l: any) => l.msg)).toEqual(["hello"]);
   });
 
   it("answers errors the way the Convex HTTP API does", async () => {
-    const invalidArgs = await mutation("fondation:create", {});
+    const invalidArgs = await mutation("fondation:claim", {});
     expect(invalidArgs.status).toBe(560);
     expect(invalidArgs.json.status).toBe("error");
-    expect(invalidArgs.json.errorMessage).toMatch(/repositoryUrl/);
+    expect(invalidArgs.json.errorMessage).toMatch(/jobId/);
 
-    const convexError = await mutation("fondation:create", { repositoryUrl: "file:///etc/passwd" });
+    const convexError = await run("jobs:create", { userId: "u1", repositoryUrl: "file:///etc/passwd" });
     expect(convexError.status).toBe(560);
     expect(convexError.json.errorData).toEqual({ code: "invalid_repository_url", message: "repositoryUrl must be an http(s) URL" });
 
-    const internalFn = await mutation("fondation:sweep", {});
-    expect(internalFn.status).toBe(560);
-    expect(internalFn.json.errorMessage).toMatch(/Could not find public function/);
+    // The host's internal functions and everything of the component are out of reach.
+    for (const path of ["jobs:create", "jobs:onFondationEvent", "lib:enqueue", "fondation/lib:enqueue", "loop:main"]) {
+      const r = await mutation(path, {});
+      expect(r.status).toBe(560);
+      expect(r.json.errorMessage).toMatch(/Could not find public function/);
+    }
+    // A public host function still applies the host's auth.
+    const anonymous = await mutation("jobs:request", { repositoryUrl: "https://github.com/owner/repo.git" });
+    expect(anonymous.status).toBe(560);
+    expect(anonymous.json.errorData).toMatchObject({ code: "unauthenticated" });
 
-    const wrongKind = await post("/api/mutation", { path: "fondation:get", args: { jobId: "x" } });
+    const wrongKind = await post("/api/mutation", { path: "jobs:get", args: { jobId: "x" } });
     expect(wrongKind.status).toBe(560);
 
     const badJson = await post("/api/query", "{not json");
@@ -166,14 +183,10 @@ describe("HTTP bridge", () => {
     expect(badJson.json.code).toBe("BadJsonBody");
   });
 
-  it("runs internal functions via /__test/run, and its sweeper re-dispatches an unclaimed job", async () => {
-    const swept = await post("/__test/run", { path: "fondation:sweep", args: {} });
-    expect(swept.status).toBe(200);
-    expect(swept.json.value).toHaveProperty("redispatched");
-
-    const created = await mutation("fondation:create", { repositoryUrl: "https://github.com/owner/other.git" });
-    const jobId = created.json.value as string;
-    // Nobody claims: after CLAIM_TIMEOUT_MS the bridge's own sweep interval sends attempt 2.
+  it("the component's loop re-dispatches an unclaimed run on real timers", async () => {
+    const created = await run("jobs:create", { userId: "u1", repositoryUrl: "https://github.com/owner/other.git" });
+    const jobId = created.json.value.runId as string;
+    // Nobody claims: past the claim deadline the loop's lease check sends attempt 2.
     const second = await waitFor("attempt 2", () => hooks.find((h) => h.json.data?.jobId === jobId && h.json.data.attempt === 2));
     expect(second.headers["webhook-id"]).toBe(`${jobId}:2`);
     const cancel = await waitFor("job.cancel of attempt 1", () => hooks.find((h) => h.json.type === "job.cancel" && h.json.data.jobId === jobId));

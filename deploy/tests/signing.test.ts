@@ -1,7 +1,7 @@
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
-import { constantTimeEqual, randomToken, secretKeyBytes, sign, verify } from "../convex/signing";
+import { constantTimeEqual, randomToken, secretKeyBytes, sign, verify } from "../convex/src/component/signing";
 
 type Vector = { name: string; secret: string; id: string; timestamp: number; body: string; signature: string };
 const vectorsPath = fileURLToPath(new URL("../../tests/vectors/signatures.json", import.meta.url));

@@ -1,5 +1,6 @@
-"""The whole system: the Convex functions under convex-test behind the local HTTP bridge, the
-dispatch action's fetch reaching a real uvicorn worker, callbacks over the Convex HTTP API."""
+"""The whole system: the example host app with the Fondation component under convex-test behind
+the local HTTP bridge, the component's dispatch reaching a real uvicorn worker, callbacks over
+the Convex HTTP API to the host's re-exports (`fondation:claim` ...)."""
 
 from __future__ import annotations
 
@@ -45,15 +46,15 @@ def worker_env(tmp: Path, convex_url: str, **extra: Any) -> dict[str, str]:
 
 
 def create(bridge: ConvexBridge, url: str, **extra: Any) -> str:
-    job_id = bridge.mutation("fondation:create", {"repositoryUrl": url, "ref": "main", **extra})
-    assert isinstance(job_id, str)
-    return job_id
+    return bridge.create(url, **extra)
 
 
 def test_created_job_completes_with_docs(tmp_path: Path, git_server: GitHttpServer) -> None:
     port = free_port()
     with ConvexBridge(
-        tmp_path / "bridge.log", WORKER_URL=f"http://127.0.0.1:{port}", WEBHOOK_SECRET=SECRET
+        tmp_path / "bridge.log",
+        FONDATION_WORKER_URL=f"http://127.0.0.1:{port}",
+        FONDATION_WEBHOOK_SECRET=SECRET,
     ) as bridge:
         worker = WorkerProcess(worker_env(tmp_path, bridge.url), tmp_path / "worker.log")
         worker.port, worker.url = port, f"http://127.0.0.1:{port}"
@@ -64,7 +65,7 @@ def test_created_job_completes_with_docs(tmp_path: Path, git_server: GitHttpServ
             job = bridge.wait_job(job_id, {"completed", "failed", "dead"}, timeout_s=60)
             assert job["status"] == "completed", job
             assert job["docsCount"] == 7 and job["attempt"] == 1
-            docs = bridge.query("fondation:listDocs", {"jobId": job_id})
+            docs = bridge.docs(job_id)
             assert [d["kind"] for d in docs] == ["yaml"] * 3 + ["chapter"] * 3 + ["tutorial"]
             chapters = [d["title"] for d in docs if d["kind"] == "chapter"]
             assert chapters == [
@@ -72,7 +73,16 @@ def test_created_job_completes_with_docs(tmp_path: Path, git_server: GitHttpServ
                 "Chapter 2: lib",
                 "Chapter 3: README.md (reviewed)",
             ]
-            assert "callbackToken" not in job
+            assert "callbackToken" not in job and "tokenHash" not in job
+            # The host's own row, in the host's shape (issue 10, Must show 3).
+            host = bridge.host_job(job_id)
+            assert host["status"] == "completed", host
+            assert isinstance(host["progress"], str) and host["progress"]
+            assert isinstance(host["completedAt"], float | int)
+            assert host["docsCount"] == 7
+            host_docs = [d for d in bridge.table("docs") if d["jobId"] == host["_id"]]
+            assert len(host_docs) == 7
+            assert all(isinstance(d["chapterIndex"], float | int) for d in host_docs)
             paths = [c["path"] for c in bridge.calls()]
             for fn in (
                 "fondation:claim",
@@ -96,12 +106,12 @@ def test_worker_killed_mid_job_is_completed_by_the_next_attempt(
     port = free_port()
     with ConvexBridge(
         tmp_path / "bridge.log",
-        WORKER_URL=f"http://127.0.0.1:{port}",
-        WEBHOOK_SECRET=SECRET,
-        LEASE_MS=3000,
-        CLAIM_TIMEOUT_MS=5000,
-        SWEEP_INTERVAL_MS=500,
-        RETRY_BASE_MS=200,
+        FONDATION_WORKER_URL=f"http://127.0.0.1:{port}",
+        FONDATION_WEBHOOK_SECRET=SECRET,
+        FONDATION_LEASE_MS=3000,
+        FONDATION_CLAIM_TIMEOUT_MS=5000,
+        FONDATION_SWEEP_INTERVAL_MS=500,
+        FONDATION_RETRY_BASE_MS=200,
     ) as bridge:
 
         def start_worker(name: str) -> WorkerProcess:
@@ -130,7 +140,10 @@ def test_worker_killed_mid_job_is_completed_by_the_next_attempt(
             job = bridge.wait_job(job_id, {"completed", "dead", "failed"}, timeout_s=90)
             assert job["status"] == "completed", job
             assert job["attempt"] == 2
-            docs = bridge.query("fondation:listDocs", {"jobId": job_id})
+            docs = bridge.docs(job_id)
             assert len(docs) == 7 and len({d["slug"] for d in docs}) == 7
+            host = bridge.host_job(job_id)
+            assert host["status"] == "completed" and isinstance(host["completedAt"], float | int)
+            assert len([d for d in bridge.table("docs") if d["jobId"] == host["_id"]]) == 7
         finally:
             second.stop()

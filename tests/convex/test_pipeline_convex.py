@@ -92,19 +92,17 @@ def start_worker(tmp: Path, port: int, convex_url: str, **extra: Any) -> WorkerP
 def bridge_for(tmp: Path, worker_url: str) -> ConvexBridge:
     return ConvexBridge(
         tmp / "bridge.log",
-        WORKER_URL=worker_url,
-        WEBHOOK_SECRET=SECRET,
-        LEASE_MS=4000,
-        CLAIM_TIMEOUT_MS=8000,
-        SWEEP_INTERVAL_MS=500,
-        RETRY_BASE_MS=200,
+        FONDATION_WORKER_URL=worker_url,
+        FONDATION_WEBHOOK_SECRET=SECRET,
+        FONDATION_LEASE_MS=4000,
+        FONDATION_CLAIM_TIMEOUT_MS=8000,
+        FONDATION_SWEEP_INTERVAL_MS=500,
+        FONDATION_RETRY_BASE_MS=200,
     )
 
 
 def create(bridge: ConvexBridge, url: str, ref: str = "main") -> str:
-    job_id = bridge.mutation("fondation:create", {"repositoryUrl": url, "ref": ref})
-    assert isinstance(job_id, str)
-    return job_id
+    return bridge.create(url, ref=ref)
 
 
 def _epoch_s(iso: str) -> float:

@@ -143,6 +143,8 @@ def test_no_secret_in_logs_answers_metrics_store_or_cli_env(
         # canceled
         assert start("s-cancel", git_server.url_for("hang")).status_code == 202
         w.wait_status("s-cancel", {"analyzing"}, timeout_s=30)
+        # The CLI starts a moment after `analyzing` (under its shim): let it dump its env first.
+        assert wait_for(lambda: len(list(dumps.iterdir())) == 4, 30)
         assert hook(cancel_body("s-cancel"), "s-cancel:1:cancel").status_code == 202
         w.wait_status("s-cancel", {"canceled"}, timeout_s=30)
         # 401: another secret, no signature; the body carries a token of its own
@@ -172,6 +174,7 @@ def test_no_secret_in_logs_answers_metrics_store_or_cli_env(
         # interrupted: a running job when SIGTERM comes
         assert start("s-int", git_server.url_for("hang")).status_code == 202
         w.wait_status("s-int", {"analyzing"}, timeout_s=30)
+        assert wait_for(lambda: len(list(dumps.iterdir())) == 5, 30)
     finally:
         w.stop(timeout_s=30)
     assert_workspace_empty(w)
@@ -209,16 +212,20 @@ def test_logs_and_jobs_share_one_redactor(tmp_path: Path, monkeypatch: pytest.Mo
     added to the job manager's redactor, and a second instance would leave log lines unscrubbed.
     """
     import app.cli
+    import app.isolation
     import app.logs
     import app.main
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(app.logs, "configure_logging", lambda _l, r, _s=None: seen.update(log=r))
     monkeypatch.setattr(app.main, "serve", lambda _s, _e, r=None: seen.update(serve=r))
+    # `serve` hardens the process (non-dumpable, subreaper): not this test runner's.
+    monkeypatch.setattr(app.isolation, "secure_startup", lambda s: seen.update(hardened=s))
     for name, value in base_env(tmp_path, ANTHROPIC_API_KEY=ANTHROPIC_KEY).items():
         monkeypatch.setenv(name, value)
     assert app.cli.main(["serve"]) == 0
     assert seen["log"] is not None and seen["log"] is seen["serve"]
+    assert "hardened" in seen  # before serving
     redactor = app.logs.Redactor()
     asgi = app.main.create_app(
         load_settings(base_env(tmp_path)),

@@ -1,8 +1,10 @@
-"""The Convex functions under convex-test, served over the Convex HTTP API on 127.0.0.1.
+"""The example host app with the Fondation component, under convex-test, served over the Convex
+HTTP API on 127.0.0.1.
 
-Starts `deploy/bridge/server.ts` (Node, via tsx) and offers the calls tests need: the UI's
-mutations and queries, test-only access to tables and internal functions, and a switch that
-makes the bridge unreachable (a TCP proxy in front of it refuses connections)."""
+Starts `deploy/bridge/server.ts` (Node, via tsx) and offers the calls tests need: the host's
+functions (`jobs:create` enqueues as the host's server code does), test-only views of the
+component's runs and docs, and a switch that makes the bridge unreachable (a TCP proxy in
+front of it refuses connections). Settings are the host's `FONDATION_*` environment."""
 
 from __future__ import annotations
 
@@ -23,8 +25,16 @@ from tests.support.worker import REPO_ROOT
 DEPLOY = REPO_ROOT / "deploy"
 
 
+COMPONENT = DEPLOY / "convex" / "example" / "node_modules" / "@fondation" / "convex-worker"
+
+
 def node_ready() -> bool:
-    return shutil.which("node") is not None and (DEPLOY / "node_modules" / ".bin" / "tsx").exists()
+    """Node, tsx, and the component installed into the example app (convex/pack-example.sh)."""
+    return (
+        shutil.which("node") is not None
+        and (DEPLOY / "node_modules" / ".bin" / "tsx").exists()
+        and (COMPONENT / "dist" / "component" / "schema.js").exists()
+    )
 
 
 class ConvexBridge:
@@ -33,6 +43,9 @@ class ConvexBridge:
         self.env = {**os.environ, "PORT": "0", **{k: str(v) for k, v in env.items()}}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        # One pooled client: a fresh httpx client per call costs ~60 ms (TLS context setup),
+        # which made polling loops and per-call snapshots the slowest part of the tests.
+        self.http = httpx.Client(timeout=30)
 
     def start(self, timeout_s: float = 60.0) -> ConvexBridge:
         log = self.log_path.open("wb")
@@ -87,6 +100,7 @@ class ConvexBridge:
             drainer.join(timeout=5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        self.http.close()
 
     def __enter__(self) -> ConvexBridge:
         return self.start()
@@ -97,7 +111,7 @@ class ConvexBridge:
     # -- Convex HTTP API -----------------------------------------------------------------
 
     def _api(self, kind: str, path: str, args: dict[str, Any]) -> Any:
-        r = httpx.post(
+        r = self.http.post(
             f"{self.url}/api/{kind}",
             json={"path": path, "args": args, "format": "json"},
             timeout=30,
@@ -114,26 +128,75 @@ class ConvexBridge:
         return self._api("query", path, args)
 
     def run(self, path: str, args: dict[str, Any] | None = None) -> Any:
-        r = httpx.post(
-            f"{self.url}/__test/run", json={"path": path, "args": args or {}}, timeout=30
-        )
+        r = self.http.post(f"{self.url}/__test/run", json={"path": path, "args": args or {}})
         r.raise_for_status()
         return r.json()
 
+    def call(self, path: str, args: dict[str, Any] | None = None) -> Any:
+        """Any host function (internal ones too); its value, or RuntimeError."""
+        doc = self.run(path, args)
+        if doc.get("status") != "success":
+            raise RuntimeError(f"{path}: {doc}")
+        return doc["value"]
+
+    def create(self, url: str, **extra: Any) -> str:
+        """A host job for `url`, enqueued the way the host's server code does; its run id
+        (the `jobId` the worker sees)."""
+        ids = self.call(
+            "jobs:create", {"userId": "user-1", "repositoryUrl": url, "ref": "main", **extra}
+        )
+        run_id = ids["runId"]
+        assert isinstance(run_id, str)
+        return run_id
+
     def table(self, name: str) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.url}/__test/table/{name}", timeout=30)
+        """A table of the host app."""
+        r = self.http.get(f"{self.url}/__test/table/{name}")
         r.raise_for_status()
         rows: list[dict[str, Any]] = r.json()
         return rows
 
+    def component_table(self, name: str) -> list[dict[str, Any]]:
+        """A table of the component (test-only: nothing exposes these over the API)."""
+        r = self.http.get(f"{self.url}/__test/component/{name}")
+        r.raise_for_status()
+        rows: list[dict[str, Any]] = r.json()
+        return rows
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The component's runs, each with its lease's `lastSeq`, `leaseUntil` and `sends`."""
+        r = self.http.get(f"{self.url}/__test/runs")
+        r.raise_for_status()
+        rows: list[dict[str, Any]] = r.json()
+        return rows
+
+    def docs(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's docs in reading order, through the host's `fondation.listDocs`."""
+        out: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            page = self.call(
+                "jobs:runDocs",
+                {"runId": run_id, "paginationOpts": {"numItems": 50, "cursor": cursor}},
+            )
+            out += page["page"]
+            if page["isDone"]:
+                return out
+            cursor = page["continueCursor"]
+
     def calls(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.url}/__test/calls", timeout=30)
+        r = self.http.get(f"{self.url}/__test/calls")
         r.raise_for_status()
         out: list[dict[str, Any]] = r.json()
         return out
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.query("fondation:get", {"jobId": job_id})  # type: ignore[no-any-return]
+    def job(self, run_id: str) -> dict[str, Any]:
+        """The run (with its lease counters), or {} when unknown."""
+        return next((r for r in self.runs() if r["_id"] == run_id), {})
+
+    def host_job(self, run_id: str) -> dict[str, Any]:
+        """The host's own `jobs` row for a run."""
+        return next((j for j in self.table("jobs") if j.get("runId") == run_id), {})
 
     def wait_job(self, job_id: str, statuses: set[str], timeout_s: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

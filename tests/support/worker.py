@@ -52,7 +52,15 @@ def base_env(tmp: Path, **overrides: Any) -> dict[str, str]:
 class WorkerProcess:
     """Start, talk to and stop a worker; its JSON logs go to `log_path`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        popen_kw: dict[str, Any] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.popen_kw = popen_kw or {}  # e.g. user=... to run the worker unprivileged
+        self.python = python
         self.port = free_port()
         self.env = {**env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         self.log_path = log_path
@@ -62,11 +70,12 @@ class WorkerProcess:
     def start(self, timeout_s: float = 20.0) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"],
+            [self.python, "-m", "app", "serve"],
             env=self.env,
             cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
+            **self.popen_kw,
         )
         log.close()
         deadline = time.monotonic() + timeout_s

@@ -188,6 +188,22 @@ async def test_token_required_and_sent_as_header(
     assert TOKEN not in git_config and basic not in git_config  # not persisted in the checkout
 
 
+def test_token_header_is_scoped_to_the_repository_origin() -> None:
+    """The Authorization header is configured for the repository's own scheme, host and port
+    only, never as a global `http.extraHeader` that git would send to any host."""
+    env = _git_env(TOKEN, "https://GitHub.com:8443/owner/repo.git")
+    pairs = {
+        env[f"GIT_CONFIG_KEY_{i}"]: env[f"GIT_CONFIG_VALUE_{i}"]
+        for i in range(int(env["GIT_CONFIG_COUNT"]))
+    }
+    headers = {k: v for k, v in pairs.items() if k.lower().endswith("extraheader")}
+    assert list(headers) == ["http.https://github.com:8443/.extraHeader"]
+    assert headers["http.https://github.com:8443/.extraHeader"].startswith("Authorization: Basic ")
+    assert "http.extraHeader" not in pairs
+    no_token = _git_env(None, "https://github.com/owner/repo.git")
+    assert not any(v.startswith("Authorization") for v in no_token.values())
+
+
 async def test_token_scrubbed_from_errors(root: Path, tmp_path: Path) -> None:
     # The server wants a different token: the failure message must not echo ours.
     with (
@@ -444,12 +460,14 @@ async def test_lfs_tracked_files_stay_pointers(root: Path, tmp_path: Path) -> No
 
 
 def test_pinned_addresses_become_one_curlopt_resolve_entry() -> None:
-    env = _git_env(None)
+    env = _git_env(None, "https://git.example/o/r.git")
     count = int(env["GIT_CONFIG_COUNT"])
     _pin_addresses(env, "https://git.example/o/r.git", ("140.82.121.4", "2001:db8::1"))
     assert env["GIT_CONFIG_COUNT"] == str(count + 1)
     assert env[f"GIT_CONFIG_KEY_{count}"] == "http.curloptResolve"
     assert env[f"GIT_CONFIG_VALUE_{count}"] == "git.example:443:140.82.121.4,[2001:db8::1]"
-    literal = _git_env(None)
+    literal = _git_env(None, "http://127.0.0.1:8080/r.git")
     _pin_addresses(literal, "http://127.0.0.1:8080/r.git", ("127.0.0.1",))
-    assert literal == _git_env(None)  # an address literal is not looked up: nothing to pin
+    assert literal == _git_env(
+        None, "http://127.0.0.1:8080/r.git"
+    )  # an address literal is not looked up: nothing to pin

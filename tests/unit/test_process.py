@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -453,3 +454,78 @@ async def _wait_dead(pid: int, within_s: float = 5.0) -> None:
     deadline = loop.time() + within_s
     while alive(pid) and loop.time() < deadline:
         await asyncio.sleep(0.05)
+
+
+# A daemon the usual way: fork, setsid, cwd /, fork again; the middle process exits at once, so
+# the daemon is orphaned before anyone can see it. It keeps the CLI's stdout and stderr open.
+DAEMON = (
+    "import os, signal, sys, time\n"
+    "r, w = os.pipe()\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid(); os.chdir('/')\n"
+    "    if os.fork() == 0:\n"
+    "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "        time.sleep(300)\n"
+    "        os._exit(0)\n"
+    "    os._exit(0)\n"
+    "time.sleep(0.2)\n"
+    "print('ready', flush=True)\n"
+)
+
+
+def _descendant_daemons(before: set[int]) -> list[int]:
+    """Processes started during the test, with cwd /, running the DAEMON code."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            if (
+                p.pid not in before
+                and p.info["cwd"] == "/"
+                and os.getsid(p.pid) != os.getsid(0)
+                and p.info["cmdline"][:2] == [PY, "-c"]
+                and "os.setsid()" in p.info["cmdline"][2]
+            ):
+                found.append(p.pid)
+        except (psutil.Error, ProcessLookupError, TypeError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.timeout(60)
+async def test_setsid_daemon_ends_with_the_cli_and_leaves_no_zombie(tmp_path: Path) -> None:
+    """The old supervisor missed it (another session) and then waited forever for the pipes
+    it held; now the shim keeps it in the tree and ends it with the CLI."""
+    before = {p.pid for p in psutil.process_iter()}
+    result = await asyncio.wait_for(run(DAEMON, tmp_path), 30)
+    assert result.exit_code == 0
+    await asyncio.sleep(0.3)
+    left = _descendant_daemons(before)
+    assert left == []
+    me = psutil.Process()
+    assert [c.pid for c in me.children() if c.status() == psutil.STATUS_ZOMBIE] == []
+
+
+@pytest.mark.timeout(60)
+async def test_stop_ends_a_setsid_daemon_that_ignores_sigterm(tmp_path: Path) -> None:
+    stop = asyncio.Event()
+    before = {p.pid for p in psutil.process_iter()}
+    code = DAEMON + "import time\ntime.sleep(300)\n"
+    lines: list[str] = []
+    task = asyncio.create_task(run(code, tmp_path, stop=stop, term_grace_s=0.5, lines=lines))
+    for _ in range(200):
+        if "ready" in lines:
+            break
+        await asyncio.sleep(0.05)
+    running = _descendant_daemons(before)
+    assert len(running) == 1, "the daemon should be running, in a session of its own"
+    stop.set()
+    result = await asyncio.wait_for(task, 30)
+    assert result.stopped
+    await asyncio.sleep(0.3)
+    assert not alive(running[0])
+
+
+async def test_cli_exit_status_and_signal_pass_through_the_shim(tmp_path: Path) -> None:
+    assert (await run("import sys; sys.exit(7)", tmp_path)).exit_code == 7
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    assert (await run(code, tmp_path)).exit_code == -signal.SIGSEGV

@@ -1,0 +1,14 @@
+/**
+ * The worker calls these five mutations as `fondation:claim`, `fondation:progress`,
+ * `fondation:putDocs`, `fondation:complete` and `fondation:fail` (docs/CONTRACT.md §3).
+ */
+import { Fondation } from "@fondation/convex-worker";
+import { components, internal } from "./_generated/api";
+
+// Annotated: the options name functions of this app, whose types depend on this module.
+export const fondation: Fondation = new Fondation(components.fondation, {
+  onEvent: internal.jobs.onFondationEvent,
+  cloneToken: internal.jobs.cloneToken,
+});
+
+export const { claim, progress, putDocs, complete, fail } = fondation.workerApi();

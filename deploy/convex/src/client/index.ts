@@ -1,0 +1,257 @@
+/**
+ * The host's side of the Fondation worker component.
+ *
+ *   export const fondation = new Fondation(components.fondation, { cloneToken: internal.jobs.cloneToken });
+ *   export const { claim, progress, putDocs, complete, fail } = fondation.workerApi();
+ *   const runId = await fondation.enqueue(ctx, { repositoryUrl, onEvent: internal.jobs.onEvent, context });
+ *
+ * Settings come from the options, else from the host's environment (`FONDATION_*`), read at
+ * call time in the host (a component cannot read the host's environment) and passed in.
+ */
+import {
+  createFunctionHandle,
+  mutationGeneric,
+  type FunctionReference,
+  type GenericDataModel,
+  type GenericMutationCtx,
+  type GenericQueryCtx,
+  type PaginationOptions,
+  type PaginationResult,
+} from "convex/server";
+import { v, type Infer } from "convex/values";
+import type { ComponentApi } from "../component/_generated/component.js";
+import {
+  DEFAULT_CONFIG,
+  callbackAuth,
+  vDocInput,
+  vFailureCode,
+  vRefusal,
+  vRunningPhase,
+  vDocView,
+  type Config,
+  type FondationEvent,
+  type RunOptions,
+  type RunView,
+} from "../component/shared.js";
+
+export {
+  vDocKind,
+  vEnqueueErrorCode,
+  vErrorCode,
+  vFailureCode,
+  vFondationChange,
+  vFondationEvent,
+  vRunError,
+  vRunStatus,
+  vRunView,
+  vDocView,
+  RUN_STATUSES,
+  type DocKind,
+  type EnqueueErrorCode,
+  type ErrorCode,
+  type FailureCode,
+  type FondationChange,
+  type FondationEvent,
+  type RunError,
+  type RunOptions,
+  type RunStatus,
+  type RunView,
+} from "../component/shared.js";
+export type { ComponentApi } from "../component/_generated/component.js";
+
+export type RunId = string;
+export type DocView = Infer<typeof vDocView>;
+
+type RunQueryCtx = { runQuery: GenericQueryCtx<GenericDataModel>["runQuery"] };
+type RunMutationCtx = {
+  runQuery: GenericQueryCtx<GenericDataModel>["runQuery"];
+  runMutation: GenericMutationCtx<GenericDataModel>["runMutation"];
+};
+
+/** The host mutation that receives events: `internalMutation({ args: vFondationEvent, … })`. */
+export type OnEventHandler = FunctionReference<"mutation", "internal", FondationEvent, unknown>;
+
+/**
+ * The host query that gives the clone token for one run (e.g. the user's GitHub token), or
+ * null. Called at claim time, in the claim's transaction; the token goes to the worker that
+ * holds the run's callback token and is never stored by the component. Return a token only
+ * for the host of `repositoryUrl` it is meant for: the worker sends it only to that origin.
+ */
+export type CloneTokenQuery = FunctionReference<
+  "query",
+  "internal",
+  { runId: string; repositoryUrl: string; context?: any },
+  string | null
+>;
+
+export interface FondationOptions {
+  /** Worker base URL. Default: env FONDATION_WORKER_URL. */
+  workerUrl?: string;
+  /** `whsec_…` secret shared with the worker. Default: env FONDATION_WEBHOOK_SECRET. */
+  webhookSecret?: string;
+  /** Runs dispatched or running at once. Default: env FONDATION_MAX_PARALLEL, else 2. */
+  maxParallel?: number;
+  /** Attempts per run. Default: env FONDATION_MAX_ATTEMPTS, else 3. */
+  maxAttempts?: number;
+  /** Lease renewed by each worker callback. Default: env FONDATION_LEASE_MS, else 60 000. */
+  leaseMs?: number;
+  /** Time a delivered run may stay unclaimed. Default: env FONDATION_CLAIM_TIMEOUT_MS, else 60 000. */
+  claimTimeoutMs?: number;
+  /** Timeout of one webhook POST. Default: env FONDATION_DISPATCH_TIMEOUT_MS, else 10 000. */
+  dispatchTimeoutMs?: number;
+  /** Backoff between attempts. Defaults: env FONDATION_RETRY_BASE_MS / FONDATION_RETRY_MAX_MS, else 5 000 / 300 000. */
+  retryBaseMs?: number;
+  retryMaxMs?: number;
+  /** Lease check interval while runs are active. Default: env FONDATION_SWEEP_INTERVAL_MS, else 10 000. */
+  sweepIntervalMs?: number;
+  /** Default `onEvent` for runs enqueued without one. */
+  onEvent?: OnEventHandler;
+  /** Per-run clone token from the host (see CloneTokenQuery). Without it, no token is handed out. */
+  cloneToken?: CloneTokenQuery;
+}
+
+function envString(name: string): string | undefined {
+  // Convex functions have `process.env`; read it without requiring Node's types in the host.
+  const env = (globalThis as { process?: { env: Record<string, string | undefined> } }).process?.env;
+  const raw = env?.[name];
+  const value = raw?.trim();
+  return value ? value : undefined;
+}
+
+function envInt(name: string, min: number): number | undefined {
+  const raw = envString(name);
+  if (raw === undefined) return undefined;
+  const n = Number(raw);
+  // A typo in an env var must not silently turn into NaN arithmetic on deadlines.
+  return Number.isFinite(n) && n >= min ? Math.floor(n) : undefined;
+}
+
+export class Fondation {
+  constructor(
+    public component: ComponentApi,
+    public options: FondationOptions = {},
+  ) {}
+
+  /** The settings passed to the component, read now (the environment may have changed). */
+  config(): Config {
+    const o = this.options;
+    const d = DEFAULT_CONFIG;
+    const config: Config = {
+      maxParallel: o.maxParallel ?? envInt("FONDATION_MAX_PARALLEL", 1) ?? d.maxParallel,
+      maxAttempts: o.maxAttempts ?? envInt("FONDATION_MAX_ATTEMPTS", 1) ?? d.maxAttempts,
+      leaseMs: o.leaseMs ?? envInt("FONDATION_LEASE_MS", 1) ?? d.leaseMs,
+      claimTimeoutMs: o.claimTimeoutMs ?? envInt("FONDATION_CLAIM_TIMEOUT_MS", 1) ?? d.claimTimeoutMs,
+      dispatchTimeoutMs: o.dispatchTimeoutMs ?? envInt("FONDATION_DISPATCH_TIMEOUT_MS", 1) ?? d.dispatchTimeoutMs,
+      retryBaseMs: o.retryBaseMs ?? envInt("FONDATION_RETRY_BASE_MS", 0) ?? d.retryBaseMs,
+      retryMaxMs: o.retryMaxMs ?? envInt("FONDATION_RETRY_MAX_MS", 0) ?? d.retryMaxMs,
+      sweepIntervalMs: o.sweepIntervalMs ?? envInt("FONDATION_SWEEP_INTERVAL_MS", 100) ?? d.sweepIntervalMs,
+    };
+    const workerUrl = o.workerUrl ?? envString("FONDATION_WORKER_URL");
+    const webhookSecret = o.webhookSecret ?? envString("FONDATION_WEBHOOK_SECRET");
+    if (workerUrl !== undefined) config.workerUrl = workerUrl;
+    if (webhookSecret !== undefined) config.webhookSecret = webhookSecret;
+    return config;
+  }
+
+  /**
+   * Queue a run from a host mutation (after the host's own auth). `onEvent` is called in the
+   * same transaction as each change the host must know; `context` comes back with every event.
+   * Throws `ConvexError({code, message})` (codes: `vEnqueueErrorCode`) on bad input.
+   */
+  async enqueue(
+    ctx: RunMutationCtx,
+    args: {
+      repositoryUrl: string;
+      ref?: string;
+      options?: RunOptions;
+      priority?: number;
+      maxAttempts?: number;
+      onEvent?: OnEventHandler;
+      context?: unknown;
+    },
+  ): Promise<RunId> {
+    const handler = args.onEvent ?? this.options.onEvent;
+    const onEvent =
+      handler === undefined ? undefined : { fnHandle: await createFunctionHandle(handler), context: args.context };
+    return await ctx.runMutation(this.component.lib.enqueue, {
+      config: this.config(),
+      repositoryUrl: args.repositoryUrl,
+      ref: args.ref,
+      options: args.options,
+      priority: args.priority,
+      maxAttempts: args.maxAttempts,
+      onEvent,
+    });
+  }
+
+  /** Cancel a run; a worker holding it gets a signed `job.cancel`. */
+  async cancel(ctx: RunMutationCtx, runId: RunId): Promise<{ ok: boolean; status: string }> {
+    return await ctx.runMutation(this.component.lib.cancel, { runId });
+  }
+
+  /** The run without secrets, or null. Reactive: a heartbeat does not change it. */
+  async status(ctx: RunQueryCtx, runId: RunId): Promise<RunView | null> {
+    return await ctx.runQuery(this.component.lib.status, { runId });
+  }
+
+  /** The current attempt's docs in reading order, a page at a time. */
+  async listDocs(ctx: RunQueryCtx, runId: RunId, paginationOpts: PaginationOptions): Promise<PaginationResult<DocView>> {
+    return await ctx.runQuery(this.component.lib.listDocs, { runId, paginationOpts });
+  }
+
+  /**
+   * The five public mutations the worker calls over the Convex HTTP API. Export them from
+   * `convex/fondation.ts` so their paths are `fondation:claim` … `fondation:fail`. They are
+   * public on purpose (the worker has no deploy key); each call proves itself with the
+   * attempt's callback token, which the component checks against its stored hash.
+   */
+  workerApi() {
+    const component = this.component;
+    const cloneToken = this.options.cloneToken;
+    return {
+      claim: mutationGeneric({
+        args: callbackAuth,
+        returns: v.union(v.object({ ok: v.literal(true), cloneToken: v.optional(v.string()) }), vRefusal),
+        handler: async (ctx, args) => {
+          const granted = await ctx.runMutation(component.worker.claim, args);
+          if (!granted.ok) return { ok: false as const, reason: granted.reason };
+          if (cloneToken === undefined) return { ok: true as const };
+          const token = await ctx.runQuery(cloneToken, {
+            runId: args.jobId,
+            repositoryUrl: granted.repositoryUrl,
+            context: granted.context,
+          });
+          return token ? { ok: true as const, cloneToken: token } : { ok: true as const };
+        },
+      }),
+      progress: mutationGeneric({
+        args: {
+          ...callbackAuth,
+          seq: v.number(),
+          status: vRunningPhase,
+          currentStep: v.number(),
+          totalSteps: v.number(),
+          message: v.string(),
+          logs: v.optional(v.array(v.string())),
+        },
+        returns: v.union(v.object({ ok: v.literal(true), stale: v.optional(v.literal(true)) }), vRefusal),
+        handler: async (ctx, args) => await ctx.runMutation(component.worker.progress, args),
+      }),
+      putDocs: mutationGeneric({
+        args: { ...callbackAuth, docs: v.array(vDocInput) },
+        returns: v.union(v.object({ ok: v.literal(true), stored: v.number() }), vRefusal),
+        handler: async (ctx, args) => await ctx.runMutation(component.worker.putDocs, args),
+      }),
+      complete: mutationGeneric({
+        args: { ...callbackAuth, docsCount: v.number(), durationMs: v.number() },
+        returns: v.union(v.object({ ok: v.literal(true) }), vRefusal),
+        handler: async (ctx, args) => await ctx.runMutation(component.worker.complete, args),
+      }),
+      fail: mutationGeneric({
+        args: { ...callbackAuth, code: vFailureCode, message: v.string(), retryable: v.boolean() },
+        returns: v.union(v.object({ ok: v.literal(true) }), vRefusal),
+        handler: async (ctx, args) => await ctx.runMutation(component.worker.fail, args),
+      }),
+    };
+  }
+}

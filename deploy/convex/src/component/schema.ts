@@ -1,0 +1,137 @@
+/**
+ * The component's tables. They live in the component's namespace: the host's own `jobs`,
+ * `docs`, `jobLogs` are never touched, and nothing here is readable from a browser unless the
+ * host exports a function that returns it.
+ */
+import { defineSchema, defineTable } from "convex/server";
+import { v } from "convex/values";
+import { vConfig, vDocKind, vRunError, vRunOptions, vRunStatus } from "./shared.js";
+
+export default defineSchema({
+  /**
+   * One row per requested course: what the host shows.
+   * Writers: `lib.enqueue` (insert), `lib.cancel`, the worker callbacks on a status or step
+   * change (never on a bare heartbeat), `loop.main` (dispatch, expiry), `dispatch.recordOutcome`.
+   * Readers: `lib.status` (the host's queries subscribe to it), `loop.main` (active count).
+   */
+  runs: defineTable({
+    status: vRunStatus,
+    repositoryUrl: v.string(),
+    ref: v.optional(v.string()),
+    options: v.optional(vRunOptions),
+    priority: v.number(),
+    /** Current attempt number, from 1. A new number (and a new token) for every retry. */
+    attempt: v.number(),
+    maxAttempts: v.number(),
+    currentStep: v.number(),
+    totalSteps: v.number(),
+    progress: v.number(),
+    message: v.string(),
+    storedDocs: v.number(),
+    docsCount: v.number(),
+    /** Set when the run ends failed/dead/canceled with a reason. */
+    error: v.optional(vRunError),
+    /** Why the previous attempt ended, while a retry is pending or running. */
+    lastError: v.optional(vRunError),
+    result: v.optional(v.object({ docsCount: v.number(), durationMs: v.number() })),
+    claimedBy: v.optional(v.string()),
+    claimedAt: v.optional(v.number()),
+    dispatchedAt: v.optional(v.number()),
+    deliveredAt: v.optional(v.number()),
+    /** The host's `onEvent` mutation (a function handle) and the context it gets back. */
+    onEvent: v.optional(v.object({ fnHandle: v.string(), context: v.optional(v.any()) })),
+    createdAt: v.number(),
+    updatedAt: v.number(),
+    finishedAt: v.optional(v.number()),
+  }).index("by_status", ["status"]),
+
+  /**
+   * The current attempt's secrets and deadline, one row per run, kept apart from `runs` so a
+   * heartbeat (which only renews the lease) does not re-run the host's queries.
+   * Writers: `dispatch.prepare` (token hash), the worker callbacks (lease, seq), `loop.main`
+   * and the run's own transitions (next attempt, end). Readers: the callback gate, `loop.main`
+   * (expired leases, by index).
+   */
+  leases: defineTable({
+    runId: v.id("runs"),
+    attempt: v.number(),
+    /** SHA-256 (hex) of the attempt's callback token; the token itself is never stored. */
+    tokenHash: v.optional(v.string()),
+    /** Random per attempt: with the component's `tokenKeys` key it derives the token again
+     * for a byte-identical re-send (the worker dedupes on webhook-id + body). */
+    tokenNonce: v.optional(v.string()),
+    /** Time of the attempt's `job.start` message, fixed for re-sends like the token. */
+    messageAt: v.optional(v.number()),
+    /** Webhooks sent for this attempt (re-sends after 503/429 are byte-identical). */
+    sends: v.number(),
+    /** The deadline by which the worker must be heard from: the claim deadline while
+     * `dispatched`, the lease while running; unset when the run holds no slot. */
+    leaseUntil: v.optional(v.number()),
+    /** Highest progress `seq` seen for this attempt. */
+    lastSeq: v.number(),
+    /** Sequence of the log lines handed to the host (across attempts). */
+    logSeq: v.number(),
+    /** The attempt before this one, so a repeated final report from it is acknowledged. */
+    previous: v.optional(
+      v.object({ attempt: v.number(), tokenHash: v.optional(v.string()), outcome: v.string() }),
+    ),
+  })
+    .index("by_run", ["runId"])
+    .index("by_lease", ["leaseUntil"]),
+
+  /**
+   * Runs waiting for a slot. Writers: producers insert (`enqueue`, a retry, a busy worker);
+   * only `loop.main` reads it and deletes what it dispatches or finds stale.
+   * Order: highest priority first (`queueRank` = -priority), then oldest run.
+   */
+  queue: defineTable({
+    runId: v.id("runs"),
+    queueRank: v.number(),
+    enqueuedAt: v.number(),
+    /** Not dispatched before this time (backoff, Retry-After). */
+    readyAt: v.number(),
+  }).index("by_rank", ["queueRank", "enqueuedAt"]),
+
+  /**
+   * Generated files, per attempt; only the completed attempt's are kept (older attempts' are
+   * deleted in batches by `docs.cleanup`). Writer: `worker.putDocs`. Reader: `lib.listDocs`.
+   */
+  docs: defineTable({
+    runId: v.id("runs"),
+    attempt: v.number(),
+    slug: v.string(),
+    title: v.string(),
+    kind: vDocKind,
+    chapterIndex: v.union(v.number(), v.null()),
+    content: v.string(),
+    /** Reading order: yaml, then chapters and tutorials by chapterIndex, then slug. */
+    order: v.string(),
+    updatedAt: v.number(),
+  })
+    .index("by_run_attempt_slug", ["runId", "attempt", "slug"])
+    .index("by_run_attempt_order", ["runId", "attempt", "order"]),
+
+  /**
+   * One random key (32 bytes) under which callback tokens are derived: token =
+   * HMAC-SHA256(key, runId:attempt:nonce). Writer: `dispatch.prepare` (created on first use,
+   * from the action's randomness). Reader: `dispatch.prepare`. Never leaves the component.
+   */
+  tokenKeys: defineTable({ key: v.string() }),
+
+  /** Settings passed by the host's client, one row. Writer: `lib.enqueue` (when they change).
+   * Readers: everything that needs a setting. */
+  globals: defineTable(vConfig),
+
+  /**
+   * State of the one loop that reads `queue` (as Workpool's `runStatus`). Writers: `kick`
+   * (idle/scheduled → running) and `loop.main`. Readers: `kick`, which writes only when the
+   * loop is not already due, so concurrent producers do not conflict on it.
+   */
+  loopState: defineTable({
+    state: v.union(
+      v.object({ kind: v.literal("idle") }),
+      v.object({ kind: v.literal("running"), scheduledId: v.id("_scheduled_functions") }),
+      v.object({ kind: v.literal("scheduled"), at: v.number(), scheduledId: v.id("_scheduled_functions") }),
+    ),
+  }),
+});
