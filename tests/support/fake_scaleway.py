@@ -18,6 +18,7 @@ It refuses (400) what the API refuses and the SDK does not check: a timeout outs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -149,6 +150,9 @@ class FakeScaleway:
     run_base_env: dict[str, str] = field(default_factory=dict)
     run_cwd: str | None = None
     run_log_dir: Path | None = None
+    # When set, each run gets its own DATA_DIR and WORK_DIR under it, as each real run has
+    # its own ephemeral disk.
+    run_data_root: Path | None = None
     stop_grace_s: float = 10.0
     on_start: Callable[[StartRecord], None] | None = None
     _pending: dict[str, int] = field(default_factory=dict)
@@ -407,10 +411,20 @@ class FakeScaleway:
         return self.runs[run_id].proc
 
     def kill_run(self, run_id: str) -> None:
-        """SIGKILL the run's process group, as a crashed node would end it."""
+        """SIGKILL the run's process and every descendant (the CLI has its own process
+        group), as a lost node ends a whole container."""
+        import psutil
+
         proc = self.runs[run_id].proc
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
     def _secret_env(self, definition_id: str) -> dict[str, str]:
         out = {}
@@ -427,6 +441,9 @@ class FakeScaleway:
             **self._secret_env(d["id"]),
             **overrides,
         }
+        if self.run_data_root is not None:
+            env["DATA_DIR"] = str(self.run_data_root / run_id / "data")
+            env["WORK_DIR"] = str(self.run_data_root / run_id / "work")
         now = _now_iso()
         data: dict[str, Any] = {
             "id": run_id,
