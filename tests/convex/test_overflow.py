@@ -81,9 +81,15 @@ class Setup:
 
 @contextmanager
 def overflow(
-    tmp: Path, monkeypatch: pytest.MonkeyPatch, *, warm_slots: int, max_runs: int
+    tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    warm_slots: int,
+    max_runs: int,
+    worker_slots: int | None = None,
 ) -> Iterator[Setup]:
-    """Warm worker with `warm_slots`, overflow to at most `max_runs` runs."""
+    """Convex counts `warm_slots` warm slots (the worker has `worker_slots`, by default the
+    same); overflow to at most `max_runs` runs."""
     fake = FakeScaleway(run_log_dir=tmp, run_cwd=str(REPO_ROOT), run_data_root=tmp / "runs").start()
     fake.secret_manager[WEBHOOK_SECRET_ID] = SECRET
     warm_port, bridge_port = free_port(), free_port()
@@ -136,7 +142,7 @@ def overflow(
                 CONVEX_URL=bridge.url,
                 HEARTBEAT_S="1",
                 LEASE_S="4",
-                MAX_CONCURRENT_JOBS=str(warm_slots),
+                MAX_CONCURRENT_JOBS=str(worker_slots or warm_slots),
                 WORKER_ID="warm-worker",
             )
             (tmp / "warm").mkdir(exist_ok=True)
@@ -266,3 +272,19 @@ def test_killed_run_is_redispatched_and_cancel_stops_a_run(
         # The warm job was never disturbed.
         assert s.bridge.wait_job(busy, FINAL, timeout_s=120)["status"] == "completed"
         assert os.path.exists(tmp_path / "runs")
+
+
+def test_a_503_from_the_warm_worker_overflows_the_same_attempt_to_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, git_server: GitHttpServer
+) -> None:
+    # Convex believes in 2 warm slots; the worker has 1, so the second job gets 503 no-slot.
+    with overflow(tmp_path, monkeypatch, warm_slots=2, max_runs=2, worker_slots=1) as s:
+        run_ids = [s.bridge.create(git_server.url_for("slow")) for _ in range(2)]
+        jobs = wait_final(s, run_ids, timeout_s=120)
+        assert [j["status"] for j in jobs.values()] == ["completed", "completed"]
+        assert all(j["attempt"] == 1 for j in jobs.values())  # the 503 spent no attempt
+        leases = s.leases()
+        assert sorted(leases[r]["runner"] for r in run_ids) == ["run", "warm"]
+        assert sorted(j["claimedBy"] for j in jobs.values()) == ["overflow-run", "warm-worker"]
+        assert len(s.fake.starts) == 1
+        assert "no-slot" in s.warm.logs() and '"http_status": 503' in s.warm.logs()
