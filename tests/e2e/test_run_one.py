@@ -18,7 +18,7 @@ import pytest
 from app.run_one import HEADERS_ENV, MESSAGE_ENV, ExitCode
 from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.jobs import SOURCE, sim, wait_for
-from tests.support.signing import OTHER_SECRET, headers_for, start_body
+from tests.support.signing import OTHER_SECRET, SECRET, headers_for, start_body
 from tests.support.worker import REPO_ROOT, base_env
 
 pytestmark = pytest.mark.e2e
@@ -114,3 +114,28 @@ def test_sigterm_reports_interrupted_and_exits_6(tmp_path: Path, git_server: Git
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == ExitCode.INTERRUPTED
     assert _status(tmp_path, "slow")[0] == "failed:interrupted"
+
+
+ENV_DUMP = """
+import json, os, sys
+with open(sys.argv[1], "w") as f:
+    json.dump(dict(os.environ), f)
+sys.exit(3)
+"""
+
+
+def test_the_cli_in_a_run_never_sees_the_message_or_the_webhook_secret(
+    tmp_path: Path, git_server: GitHttpServer
+) -> None:
+    script, dump = tmp_path / "envdump.py", tmp_path / "cli-env.json"
+    script.write_text(ENV_DUMP)
+    body = start_body("envcheck", git_server.url_for("happy"))
+    env = {
+        **launch_env(body, headers_for(body, "envcheck:1")),
+        "FONDATION_COMMAND": f"{sys.executable} {script} {dump}",
+    }
+    assert _run(tmp_path, env).wait(timeout=90) == ExitCode.FAILED  # the wrapper exits 3
+    seen = dump.read_text()
+    token = json.loads(body)["data"]["callbackToken"]
+    assert token not in seen and SECRET not in seen
+    assert MESSAGE_ENV not in seen and HEADERS_ENV not in seen
