@@ -92,6 +92,9 @@ class Settings:
         """True when the worker listens on loopback only (local development)."""
         return self.host.lower().strip("[]") in LOOPBACK_HOSTS
 
+    repo_cache_dir: Path = Path("var/repo-cache")
+    repo_cache_max_bytes: int = 1024**3
+
     @property
     def embedded(self) -> bool:
         """True when no Convex deployment is configured: jobs live in the local SQLite store."""
@@ -153,6 +156,16 @@ def _default_host(convex_url: str | None) -> str:
     return "127.0.0.1" if convex_url is None else "0.0.0.0"  # noqa: S104
 
 
+def _not_negative(parse: Callable[[str], T]) -> Callable[[str], T]:
+    def inner(raw: str) -> T:
+        value = parse(raw)
+        if value < 0:  # type: ignore[operator]
+            raise ValueError("must not be negative")
+        return value
+
+    return inner
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from an environment mapping; raises `ConfigError` on a bad value."""
     # Absolute at once: git and the CLI run in other working directories.
@@ -207,6 +220,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         board_api_token=_get(env, "BOARD_API_TOKEN", None, str),
         board_secret=_get(env, "BOARD_SECRET", None, str),
         board_secure_cookie=_get(env, "BOARD_SECURE_COOKIE", None, _bool),
+        repo_cache_dir=_get(env, "REPO_CACHE_DIR", data_dir / "repo-cache", Path).absolute(),
+        repo_cache_max_bytes=_get(env, "REPO_CACHE_MAX_BYTES", 1024**3, _not_negative(int)),
     )
     if (settings.cockpit_metrics_url is None) != (settings.cockpit_token is None):
         raise ConfigError("COCKPIT_METRICS_URL", "set together with COCKPIT_TOKEN, or neither")

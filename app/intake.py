@@ -22,17 +22,29 @@ def is_json(content_type: str | None) -> bool:
     )
 
 
-def open_message(
+def verify_message(
     verifier: Verifier, headers: Mapping[str, str], body: bytes, *, now_s: float
-) -> Envelope:
-    """The verified, parsed message. Raises, in this order: `SignatureError`,
-    `MediaTypeError`, `BadJsonError`, `PayloadError`. `headers` must look names up without
-    regard to case (Starlette's `Headers`, or a dict with lower-case keys)."""
+) -> str:
+    """The verified `webhook-id`. Raises `SignatureError`, then `MediaTypeError`. `headers`
+    must look names up without regard to case (Starlette's `Headers`, or lower-case keys)."""
     webhook_id = verifier.verify(headers, body, now_s=now_s)
     if not is_json(headers.get("content-type")):
         raise MediaTypeError
+    return webhook_id
+
+
+def parse_message(webhook_id: str, body: bytes) -> Envelope:
+    """The parsed message of a verified body. Raises `BadJsonError`, then `PayloadError`."""
     try:
         doc = decode_json(body)
     except ValueError:
         raise BadJsonError from None
     return parse_envelope(webhook_id, doc, body)
+
+
+def open_message(
+    verifier: Verifier, headers: Mapping[str, str], body: bytes, *, now_s: float
+) -> Envelope:
+    """Both steps: the verified, parsed message (the webhook route looks duplicates up in
+    between)."""
+    return parse_message(verify_message(verifier, headers, body, now_s=now_s), body)

@@ -14,12 +14,23 @@ from pathlib import Path
 
 from bench.common import BenchError, Result, machine
 
-BENCHMARKS = ("ack", "ack_busy", "dispatch", "progress", "clone", "memory", "resume", "board")
+BENCHMARKS = (
+    "ack",
+    "ack_dup",
+    "ack_busy",
+    "dispatch",
+    "start",
+    "progress",
+    "clone",
+    "memory",
+    "resume",
+    "board",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--smoke", action="store_true", help="short run, for CI (< 90 s)")
+    p.add_argument("--smoke", action="store_true", help="short run, for CI (~2 min)")
     p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only NAME")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)

@@ -53,13 +53,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import git
 
 from app.domain import FailureCode
 from app.errors import JobFailure
+
+if TYPE_CHECKING:
+    from app.adapters.repo_cache import RepoCache
 
 # Clones hold a thread for up to CLONE_TIMEOUT_S; they get their own pool so that a few slow
 # ones never make the default executor (workspace removal, doc collection) wait.
@@ -538,6 +541,7 @@ async def clone(
     max_bytes: int,
     max_entries: int = DEFAULT_MAX_ENTRIES,
     addresses: Sequence[str] = (),
+    cache: RepoCache | None = None,
 ) -> CloneResult:
     """Shallow-clone `ref` of `url` into `dest` (created if missing, must be empty).
 
@@ -548,17 +552,19 @@ async def clone(
     the URL policy checked; see `RepoTarget.addresses`).
     Raises `JobFailure(code="clone_failed")` on any failure. `dest` is left as it is on
     failure: the caller removes its workspace (see `remove_tree`). Cancelling the calling
-    task kills git and waits (bounded) for the worker thread before re-raising.
+    task kills git and waits (bounded) for the worker thread before re-raising. With `cache`,
+    the clone goes through the repository cache (app/adapters/repo_cache.py).
     """
     _validate_url(url)
     if ref is not None:
         validate_ref(ref)
     abort = threading.Event()
+    run = _clone_sync if cache is None else cache.clone_sync
     work = asyncio.ensure_future(
         asyncio.get_running_loop().run_in_executor(
             _CLONE_EXECUTOR,
             functools.partial(
-                _clone_sync,
+                run,
                 url,
                 ref,
                 dest,
@@ -608,3 +614,15 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, onexc=make_writable_and_retry)
     else:
         shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+# The repository cache (app/adapters/repo_cache.py) runs git under the same rules.
+SHA = _SHA
+Limits = _Limits
+CloneFailed = _Failed
+basic_value = _basic_value
+git_env = _git_env
+run_git = _run_git
+clone_sync = _clone_sync
+pin_addresses = _pin_addresses
+tree_census = _tree_census

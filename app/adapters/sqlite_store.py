@@ -20,6 +20,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ STATE_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 for an operator or the pruner to free space, short of the shutdown grace."""
 STORE_FULL = "store_full"
 """`CallbackAck.reason` when the docs could not be stored and the job was failed for it."""
+RECENT_DELIVERIES = 4096  # deliveries kept in memory for the duplicate path
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
   webhook_id TEXT PRIMARY KEY,
@@ -273,6 +275,11 @@ class SqliteJobStore:
         self._dedupe_ttl_s = dedupe_ttl_s
         self._retention_s = retention_s
         self._lock = threading.Lock()
+        # Deliveries never change once recorded: the duplicate path answers from memory.
+        self._recent: OrderedDict[str, Delivery] = OrderedDict()
+        # Job statuses read by the duplicate path; every write through `_update` drops its
+        # entry. (Another process writing the same file would not: one worker owns DATA_DIR.)
+        self._statuses: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -340,6 +347,7 @@ class SqliteJobStore:
 
     def _update(self, db: sqlite3.Connection, job_id: str, attempt: int, **columns: object) -> None:
         """Set job columns (names are code constants, never input) and `updated_at`."""
+        self._statuses.pop((job_id, attempt), None)
         assignments = ", ".join(f"{name} = ?" for name in columns)
         db.execute(
             f"UPDATE jobs SET {assignments}, updated_at = ? "  # noqa: S608
@@ -364,12 +372,28 @@ class SqliteJobStore:
 
     def lookup_delivery(self, webhook_id: str) -> Delivery | None:
         """The delivery with this id if seen within the dedupe window."""
+        cutoff = self._clock.now() - self._dedupe_ttl_s
         with self._read():
+            cached = self._recent.get(webhook_id)
+            if cached is not None and cached.created_at >= cutoff:
+                self._recent.move_to_end(webhook_id)
+                return cached
             row = self._db.execute(
                 "SELECT * FROM deliveries WHERE webhook_id = ? AND created_at >= ?",
-                (webhook_id, self._clock.now() - self._dedupe_ttl_s),
+                (webhook_id, cutoff),
             ).fetchone()
-        return None if row is None else Delivery(**dict(row))
+        if row is None:
+            return None
+        delivery = Delivery(**dict(row))
+        self._remember(delivery)
+        return delivery
+
+    def _remember(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._recent[delivery.webhook_id] = delivery
+            self._recent.move_to_end(delivery.webhook_id)
+            if len(self._recent) > RECENT_DELIVERIES:
+                self._recent.popitem(last=False)
 
     def record_start(self, webhook_id: str, fingerprint: str, spec: JobSpec) -> RecordResult:
         """Record a `job.start` delivery and its job; a concurrent twin gets `existing`."""
@@ -397,6 +421,9 @@ class SqliteJobStore:
                 ),
             )
             self._event(db, spec.job_id, spec.attempt, "status", {"status": "accepted"})
+        self._remember(
+            Delivery(webhook_id, fingerprint, "job.start", spec.job_id, spec.attempt, now)
+        )
         return RecordResult(True)
 
     def record_cancel(self, webhook_id: str, fingerprint: str, req: CancelRequest) -> RecordResult:
@@ -406,6 +433,9 @@ class SqliteJobStore:
             if not self._insert_delivery(db, webhook_id, fingerprint, "job.cancel", req, now):
                 return RecordResult(False, self._delivery(db, webhook_id))
             self._event(db, req.job_id, req.attempt, "cancel_requested", {})
+        self._remember(
+            Delivery(webhook_id, fingerprint, "job.cancel", req.job_id, req.attempt, now)
+        )
         return RecordResult(True)
 
     def _insert_delivery(
@@ -478,6 +508,23 @@ class SqliteJobStore:
                     "SELECT * FROM jobs WHERE job_id = ? AND attempt = ?", (job_id, attempt)
                 ).fetchone()
         return None if row is None else _row_to_view(row)
+
+    def job_status(self, job_id: str, attempt: int) -> str | None:
+        """The attempt's status alone (the duplicate answer needs nothing else)."""
+        key = (job_id, attempt)
+        with self._lock:
+            cached = self._statuses.get(key)
+            if cached is not None:
+                return cached
+            row = self._db.execute(
+                "SELECT status FROM jobs WHERE job_id = ? AND attempt = ?", key
+            ).fetchone()
+            if row is None:
+                return None
+            self._statuses[key] = status = str(row[0])
+            if len(self._statuses) > RECENT_DELIVERIES:
+                self._statuses.popitem(last=False)
+        return status
 
     def list_jobs(self, *, limit: int = 50, status: JobStatus | None = None) -> list[JobView]:
         """Most recent first."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -64,6 +65,21 @@ async def test_accept_then_duplicate_then_conflict(tmp_path: Path) -> None:
         assert set(r.json()) == {"type", "title", "status", "detail"}
         jobs = (await client.get("/v1/jobs")).json()["jobs"]
         assert [j["jobId"] for j in jobs] == ["job1"]
+
+
+async def test_duplicate_answered_before_parsing_and_logged_at_debug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_app(tmp_path) as (client, _):
+        body = start_body("job1", URL)
+        assert (await post(client, body, "job1:1")).status_code == 202
+        with caplog.at_level(logging.INFO, logger="fondation.webhooks"):
+            r = await post(client, body, "job1:1")
+        assert r.status_code == 200 and r.json()["duplicate"] is True
+        assert not [rec for rec in caplog.records if rec.name == "fondation.webhooks"]
+        # Another body under a recorded id is a conflict, even one that is not JSON.
+        r = await post(client, b"not json", "job1:1")
+        assert r.status_code == 422 and r.json()["type"].endswith("idempotency-conflict")
 
 
 async def test_fifty_concurrent_deliveries_make_one_job(tmp_path: Path) -> None:

@@ -169,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+            self.server.owner._sent(len(body))
 
     def _serve(self) -> None:
         srv = self.server.owner
@@ -260,6 +261,7 @@ class GitHttpServer:
         self.require_token = require_token
         self.redirects = dict(redirects or {})
         self.requests: list[RecordedRequest] = []
+        self.bytes_sent = 0  # response bodies, all requests (what clients fetched)
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -314,6 +316,10 @@ class GitHttpServer:
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
             self.requests.append(request)
+
+    def _sent(self, n: int) -> None:
+        with self._lock:
+            self.bytes_sent += n
 
     @property
     def request_count(self) -> int:

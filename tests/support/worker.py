@@ -66,11 +66,12 @@ class WorkerProcess:
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.argv = [python, "-m", "app", "serve"]  # a benchmark may start a variant
 
     def start(self, timeout_s: float = 20.0) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [self.python, "-m", "app", "serve"],
+            self.argv,
             env=self.env,
             cwd=REPO_ROOT,
             stdout=log,

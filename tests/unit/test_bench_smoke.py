@@ -61,3 +61,17 @@ def test_paced_cli_prints_its_lines_and_stamps(tmp_path: Path) -> None:
     assert lines[0] == "[FONDATION_STEP_1/2] paced output"
     assert sum(1 for ln in lines if ln.startswith("paced line")) == 50
     assert stamp.read_text().split()[1] == str(tmp_path / "out")
+
+
+def test_profile_summary_counts_own_and_cumulative_samples(tmp_path: Path) -> None:
+    from bench.profile_dup import summarize
+
+    raw = tmp_path / "prof.txt"
+    raw.write_text("main (a.py:1);handler (b.py:2) 3\nmain (a.py:1);log (c.py:3) 1\n")
+    text = summarize(raw)
+    assert "samples: 4" in text
+    assert " 75.0%  handler (b.py:2)" in text and "100.0%  main (a.py:1)" in text
+
+
+def test_cached_worker_launcher_imports() -> None:
+    assert callable(importlib.import_module("bench.cached_worker").main)

@@ -156,3 +156,37 @@ def test_a_failed_commit_is_a_store_error_and_leaves_no_transaction(tmp_path: Pa
     assert not real.in_transaction
     assert s.lookup_delivery("j1:1") is None  # rolled back
     assert s.record_start("j1:1", "fp", SPEC).recorded
+
+
+def test_duplicate_lookups_are_answered_from_memory(tmp_path: Path) -> None:
+    clock = FakeClock()
+    s = store(tmp_path, clock)
+    s.record_start("j1:1", "fp", SPEC)
+    s.record_cancel("c1", "fpc", CancelRequest("j1", 1))
+    statements: list[str] = []
+    s._db.set_trace_callback(statements.append)
+    start, cancel = s.lookup_delivery("j1:1"), s.lookup_delivery("c1")
+    assert start is not None and (start.fingerprint, start.type, start.job_id) == (
+        "fp",
+        "job.start",
+        "j1",
+    )
+    assert cancel is not None and (cancel.type, cancel.attempt) == ("job.cancel", 1)
+    assert statements == []  # no SQL for a delivery this process recorded
+    assert s.job_status("j1", 1) == "accepted" and s.job_status("j1", 2) is None
+    # A delivery recorded by another process is read once, then remembered.
+    other = store(tmp_path, clock, "w2")
+    other.record_start("j2:1", "fp2", JobSpec("j2", 1, "t" * 40, SPEC.repository))
+    assert s.lookup_delivery("j2:1") is not None
+    statements.clear()
+    assert s.lookup_delivery("j2:1") is not None and statements == []
+
+
+async def test_cached_job_status_follows_every_transition(tmp_path: Path) -> None:
+    s = store(tmp_path, FakeClock())
+    s.record_start("j1:1", "fp", SPEC)
+    assert s.job_status("j1", 1) == "accepted"
+    assert (await s.claim(SPEC)).ok
+    assert s.job_status("j1", 1) == str(s.get_job("j1", 1).status)  # type: ignore[union-attr]
+    await s.fail(SPEC, Failure(FailureCode.CLI_FAILED, "boom", True))
+    assert s.job_status("j1", 1) == "failed"

@@ -1,0 +1,269 @@
+"""The repository cache against a real smart-HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from app.adapters.git import CloneResult, clone
+from app.adapters.repo_cache import RepoCache, cache_key, normalize_url
+from app.config import load_settings
+from app.errors import JobFailure
+from tests.support.gitserver import GitHttpServer, git_env, make_repo, rev_parse
+
+TOKEN = "ghs_CacheTokenValue1234567890abcdef"
+LIMIT = 50 * 1024 * 1024
+
+
+def _commit(bare: Path, files: dict[str, str], message: str) -> str:
+    """Add one commit on main of the bare repository `bare`; return its id."""
+    work = bare.parent / f"{bare.name}-work"
+    env = git_env()
+    if not work.exists():
+        subprocess.run(["git", "clone", "-q", str(bare), str(work)], env=env, check=True)
+    subprocess.run(["git", "pull", "-q"], cwd=work, env=env, check=True)
+    for name, text in files.items():
+        (work / name).write_text(text)
+    subprocess.run(["git", "add", "-A"], cwd=work, env=env, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message], cwd=work, env=env, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=work, env=env, check=True)
+    return rev_parse(bare, "main")
+
+
+async def _clone(
+    cache: RepoCache, url: str, ref: str | None, dest: Path, token: str | None = None
+) -> CloneResult:
+    """One job's clone, then (as a test) wait for a mirror filled in the background."""
+    result = await clone(url, ref, dest, token=token, timeout_s=30, max_bytes=LIMIT, cache=cache)
+    await asyncio.to_thread(cache.settle, 30)
+    return result
+
+
+def test_normalized_url_keys_one_repository_per_spelling() -> None:
+    assert normalize_url("https://GitHub.com:443/a/b.git/") == "https://github.com/a/b"
+    assert cache_key("https://github.com/a/b") == cache_key("https://GITHUB.com/a/b.git")
+    assert cache_key("https://github.com/a/b") != cache_key("https://github.com/a/c")
+    assert cache_key("http://h:8080/a") != cache_key("http://h:8081/a")
+
+
+def test_off_with_one_setting(tmp_path: Path) -> None:
+    on = load_settings({"DATA_DIR": str(tmp_path)})
+    cache = RepoCache.from_settings(on)
+    assert cache is not None and cache.root == tmp_path / "repo-cache"
+    assert RepoCache.from_settings(load_settings({"REPO_CACHE_MAX_BYTES": "0"})) is None
+
+
+async def test_first_clone_is_direct_and_fills_the_mirror_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fondation.repo_cache")
+    root = tmp_path / "srv"
+    bare = make_repo(root / "demo.git", {"README.md": "# Demo\n"})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        result = await clone(
+            url, "main", tmp_path / "a", token=None, timeout_s=30, max_bytes=LIMIT, cache=cache
+        )
+        assert result.commit == rev_parse(bare, "main")
+        assert (tmp_path / "a" / ".git" / "shallow").exists()  # git.py's own clone
+        await asyncio.to_thread(cache.settle, 30)
+    assert (cache.mirror_path(url) / "shallow").read_text().split() == [result.commit]
+    assert [r.getMessage() for r in caplog.records] == ["repository cache filled"]
+
+
+async def test_a_small_repository_gets_no_mirror(tmp_path: Path) -> None:
+    root = tmp_path / "srv"
+    make_repo(root / "small.git", {"README.md": "# s\n"})
+    make_repo(root / "big.git", {"blob.bin": os.urandom(600_000)})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=500_000, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        for name in ("small", "big"):
+            for attempt in range(2):
+                await _clone(cache, server.url_for(name), None, tmp_path / f"{name}{attempt}")
+        assert not cache.mirror_path(server.url_for("small")).exists()
+        assert cache.mirror_path(server.url_for("big")).is_dir()
+
+
+async def test_second_clone_fetches_only_what_changed(tmp_path: Path) -> None:
+    root = tmp_path / "srv"
+    big = os.urandom(100_000).hex()
+    bare = make_repo(root / "demo.git", {"README.md": "# Demo\n", "big.txt": big})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        first = await _clone(cache, url, "main", tmp_path / "a")
+        assert (tmp_path / "a" / "README.md").read_text() == "# Demo\n"
+        mirror = cache.mirror_path(url)
+        before = cache.size()
+        head = _commit(bare, {"README.md": "# Demo 2\n"}, "second")
+        second = await _clone(cache, url, "main", tmp_path / "b")
+    assert first.commit != second.commit == head
+    assert (tmp_path / "b" / "README.md").read_text() == "# Demo 2\n"
+    assert (tmp_path / "b" / "big.txt").read_text() == big
+    # The unchanged 200 kB file came from the mirror: it grew by far less than that.
+    assert 0 < cache.size() - before < 20_000
+    assert mirror.is_dir()
+    # The work tree shares nothing with the mirror: own objects, no link back to it.
+    git_dir = tmp_path / "b" / ".git"
+    assert not (git_dir / "objects" / "info" / "alternates").exists()
+    assert not (git_dir / "FETCH_HEAD").exists()
+    assert str(cache.root) not in (git_dir / "config").read_text()
+    for path in (git_dir / "objects").rglob("*"):
+        if path.is_file():
+            assert path.stat().st_nlink == 1, path
+
+
+async def test_two_concurrent_jobs_on_one_repository_with_different_refs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "srv"
+    bare = make_repo(
+        root / "demo.git",
+        {"README.md": "# Demo\n"},
+        commits=3,
+        branches={"feature/x": {"feature.txt": "feature\n"}},
+        tags={"v1": "release 1"},
+    )
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        await _clone(cache, url, None, tmp_path / "warm")  # the mirror exists: a real race
+        refs: list[str | None] = ["main", "feature/x", "v1", None]
+        results = await asyncio.gather(
+            *(_clone(cache, url, ref, tmp_path / f"job{i}") for i, ref in enumerate(refs))
+        )
+    assert [r.commit for r in results] == [
+        rev_parse(bare, "main"),
+        rev_parse(bare, "feature/x"),
+        rev_parse(bare, "v1^{commit}"),
+        rev_parse(bare, "main"),
+    ]
+    assert (tmp_path / "job1" / "feature.txt").read_text() == "feature\n"
+    assert not (tmp_path / "job0" / "feature.txt").exists()
+    assert [p.name for p in (cache.root / "mirrors").iterdir()] == [f"{cache_key(url)}.git"]
+    assert "dropped a mirror" not in caplog.text  # no job fell back to a direct clone
+
+
+async def test_eviction_keeps_the_cache_under_its_size_bound(tmp_path: Path) -> None:
+    root = tmp_path / "srv"
+    for name in ("a", "b", "c"):
+        make_repo(root / f"{name}.git", {"blob.bin": os.urandom(300_000).hex()})
+    probe = RepoCache(tmp_path / "probe", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        await _clone(probe, server.url_for("a"), None, tmp_path / "probe-wt")
+        one = probe.size()
+        # Room for two mirrors, not three.
+        cache = RepoCache(tmp_path / "cache", int(one * 2.5), min_clone_bytes=0, fill_delay_s=0)
+        await _clone(cache, server.url_for("a"), None, tmp_path / "a1")
+        await _clone(cache, server.url_for("b"), None, tmp_path / "b1")
+        await _clone(cache, server.url_for("a"), None, tmp_path / "a2")  # a is now the newest
+        await _clone(cache, server.url_for("c"), None, tmp_path / "c1")
+        kept = {p.name for p in (cache.root / "mirrors").iterdir()}
+        assert kept == {f"{cache_key(server.url_for(n))}.git" for n in ("a", "c")}
+        assert cache.size() <= cache.max_bytes
+        # A mirror larger than the whole bound is used once, then dropped.
+        tiny = RepoCache(tmp_path / "tiny", 1000, min_clone_bytes=0, fill_delay_s=0)
+        result = await _clone(tiny, server.url_for("b"), None, tmp_path / "b2")
+    assert (tmp_path / "b2" / "blob.bin").stat().st_size == 600_000
+    assert result.commit
+    assert tiny.size() == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate packs", "garbage config", "not a repository"])
+async def test_a_corrupt_mirror_is_dropped_and_never_fails_the_job(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "srv"
+    bare = make_repo(root / "demo.git", {"README.md": "# Demo\n", "src/a.py": "a = 1\n"})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        await _clone(cache, url, "main", tmp_path / "a")
+        mirror = cache.mirror_path(url)
+        if damage == "truncate packs":
+            for path in (mirror / "objects").rglob("*"):
+                if path.is_file():
+                    path.chmod(0o644)
+                    path.write_bytes(path.read_bytes()[:20])
+        elif damage == "garbage config":
+            (mirror / "config").write_text("[core\n\tbare = maybe\n[[[")
+        else:
+            for child in mirror.iterdir():
+                if child.is_dir():
+                    subprocess.run(["rm", "-rf", str(child)], check=True)
+        head = _commit(bare, {"README.md": "# Demo 2\n"}, "second")
+        result = await _clone(cache, url, "main", tmp_path / "b")
+        assert result.commit == head
+        # A config is rewritten before each fetch; broken objects drop the mirror.
+        assert ("dropped a mirror" in caplog.text) is (damage != "garbage config")
+        assert (tmp_path / "b" / "README.md").read_text() == "# Demo 2\n"
+        assert (tmp_path / "b" / "src" / "a.py").read_text() == "a = 1\n"
+        # The next job builds a healthy mirror again and uses it.
+        again = await _clone(cache, url, "main", tmp_path / "c")
+    assert again.commit == head
+    assert head in (cache.mirror_path(url) / "shallow").read_text().split()
+
+
+async def test_token_reaches_the_server_but_never_the_mirror(tmp_path: Path) -> None:
+    root = tmp_path / "srv"
+    make_repo(root / "private.git", {"README.md": "# Private\n"})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    basic = base64.b64encode(f"x-access-token:{TOKEN}".encode())
+    with GitHttpServer(root, require_token=TOKEN) as server:
+        url = server.url_for("private")
+        await _clone(cache, url, "main", tmp_path / "a", token=TOKEN)
+        assert (tmp_path / "a" / "README.md").read_text() == "# Private\n"
+        for path in cache.root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert TOKEN.encode() not in data and basic not in data, path
+        assert "extraheader" not in (cache.mirror_path(url) / "config").read_text().lower()
+        assert not server.saw_credentials_in_url
+        # Another job without the token gets nothing from what the first one cached.
+        with pytest.raises(JobFailure) as err:
+            await _clone(cache, url, "main", tmp_path / "b", token=None)
+        assert "authentication failed" in err.value.message
+        assert not (tmp_path / "b" / "README.md").exists()
+        with pytest.raises(JobFailure):
+            await _clone(cache, url, "main", tmp_path / "c", token="wrong-token")
+
+
+async def test_what_a_cli_plants_in_the_mirror_does_not_steer_the_next_clone(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "srv"
+    make_repo(root / "demo.git", {"README.md": "# Demo\n"})
+    make_repo(root / "other.git", {"SECRET.md": "other tenant\n"})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    marker = tmp_path / "hook-ran"
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        await _clone(cache, url, "main", tmp_path / "a")
+        await _clone(cache, server.url_for("other"), "main", tmp_path / "o")
+        mirror = cache.mirror_path(url)
+        other = cache.mirror_path(server.url_for("other"))
+        # What a hostile CLI could write: hooks, a config that runs commands, alternates
+        # into another tenant's mirror.
+        (mirror / "hooks").mkdir(exist_ok=True)
+        for hook in ("reference-transaction", "post-checkout", "pre-auto-gc"):
+            (mirror / "hooks" / hook).write_text(f"#!/bin/sh\ntouch {marker}\n")
+            (mirror / "hooks" / hook).chmod(0o755)
+        (mirror / "config").write_text(
+            f"[core]\n\tbare = true\n\thooksPath = {mirror / 'hooks'}\n"
+            f"\tfsmonitor = touch {marker}\n[include]\n\tpath = /etc/passwd\n"
+        )
+        (mirror / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (mirror / "objects" / "info" / "alternates").write_text(f"{other / 'objects'}\n")
+        result = await _clone(cache, url, "main", tmp_path / "b")
+    assert result.commit
+    assert not marker.exists()
+    assert "hooksPath" not in (mirror / "config").read_text()
+    assert not (mirror / "objects" / "info" / "alternates").exists()
+    assert not (tmp_path / "b" / "SECRET.md").exists()
