@@ -84,6 +84,31 @@ export type CloneTokenQuery = FunctionReference<
   string | null
 >;
 
+/**
+ * Overflow to Scaleway Serverless Jobs (docs/SCALING.md): when every warm slot is taken, or the
+ * warm worker answers 503, a run of the job definition takes the attempt. Configured when a job
+ * definition id is given (here or in env FONDATION_SCW_JOB_DEFINITION_ID).
+ */
+export interface OverflowOptions {
+  /** Scaleway API base URL. Default: env FONDATION_SCW_API_URL, else https://api.scaleway.com. */
+  apiUrl?: string;
+  /** Region of the job definition. Default: env FONDATION_SCW_REGION, else fr-par. */
+  region?: string;
+  /** Job definition id (`python -m deploy --job-definition` prints it). Default: env FONDATION_SCW_JOB_DEFINITION_ID. */
+  jobDefinitionId?: string;
+  /** Name of the host env var holding the secret key of an IAM key limited to Serverless Jobs
+   * in one project. Default: FONDATION_SCW_JOBS_TOKEN. The key itself is never an option. */
+  tokenEnv?: string;
+  /** Most runs at once (on top of `maxParallel` warm slots). Default: env FONDATION_MAX_RUNS, else 10. */
+  maxRuns?: number;
+  /** How long a started run may take to claim (queueing, image pull). Default: env
+   * FONDATION_RUN_CLAIM_TIMEOUT_MS, else 600 000. */
+  claimTimeoutMs?: number;
+}
+
+export const DEFAULT_MAX_RUNS = 10;
+export const DEFAULT_RUN_CLAIM_TIMEOUT_MS = 600_000;
+
 export interface FondationOptions {
   /** Worker base URL. Default: env FONDATION_WORKER_URL. */
   workerUrl?: string;
@@ -108,6 +133,8 @@ export interface FondationOptions {
   onEvent?: OnEventHandler;
   /** Per-run clone token from the host (see CloneTokenQuery). Without it, no token is handed out. */
   cloneToken?: CloneTokenQuery;
+  /** Overflow to Serverless Jobs runs; without a job definition id: warm only. */
+  overflow?: OverflowOptions;
 }
 
 function envString(name: string): string | undefined {
@@ -150,7 +177,26 @@ export class Fondation {
     const webhookSecret = o.webhookSecret ?? envString("FONDATION_WEBHOOK_SECRET");
     if (workerUrl !== undefined) config.workerUrl = workerUrl;
     if (webhookSecret !== undefined) config.webhookSecret = webhookSecret;
+    const overflow = this.overflowConfig();
+    if (overflow !== undefined) config.overflow = overflow;
     return config;
+  }
+
+  /** The overflow settings, read now; undefined when no job definition is configured. */
+  private overflowConfig(): Config["overflow"] {
+    const o = this.options.overflow ?? {};
+    const jobDefinitionId = o.jobDefinitionId ?? envString("FONDATION_SCW_JOB_DEFINITION_ID");
+    if (jobDefinitionId === undefined) return undefined;
+    const overflow: NonNullable<Config["overflow"]> = {
+      apiUrl: o.apiUrl ?? envString("FONDATION_SCW_API_URL") ?? "https://api.scaleway.com",
+      region: o.region ?? envString("FONDATION_SCW_REGION") ?? "fr-par",
+      jobDefinitionId,
+      maxRuns: o.maxRuns ?? envInt("FONDATION_MAX_RUNS", 0) ?? DEFAULT_MAX_RUNS,
+      claimTimeoutMs: o.claimTimeoutMs ?? envInt("FONDATION_RUN_CLAIM_TIMEOUT_MS", 1) ?? DEFAULT_RUN_CLAIM_TIMEOUT_MS,
+    };
+    const token = envString(o.tokenEnv ?? "FONDATION_SCW_JOBS_TOKEN");
+    if (token !== undefined) overflow.token = token;
+    return overflow;
   }
 
   /**
@@ -184,7 +230,7 @@ export class Fondation {
     });
   }
 
-  /** Cancel a run; a worker holding it gets a signed `job.cancel`. */
+  /** Cancel a run; a warm worker holding it gets a signed `job.cancel`, a run is stopped. */
   async cancel(ctx: RunMutationCtx, runId: RunId): Promise<{ ok: boolean; status: string }> {
     return await ctx.runMutation(this.component.lib.cancel, { runId });
   }

@@ -13,7 +13,7 @@ import {
   finishRun,
   leaseOf,
   runView,
-  scheduleCancelWebhook,
+  stopHolder,
   validateEnqueue,
 } from "./model.js";
 import { isActive, isFinal, vConfig, vDocView, vRunOptions, vRunView } from "./shared.js";
@@ -58,7 +58,8 @@ export const enqueue = mutation({
   },
 });
 
-/** Cancel a run. If a worker may hold it, a signed `job.cancel` webhook is sent. */
+/** Cancel a run. If a worker may hold it, it is told: a signed `job.cancel` webhook to the warm
+ * worker, or a stop of the Serverless Jobs run. */
 export const cancel = mutation({
   args: { runId: v.string() },
   returns: v.object({ ok: v.boolean(), status: v.string() }),
@@ -72,7 +73,8 @@ export const cancel = mutation({
     // Only an attempt whose webhook may have gone out has a worker to tell.
     const tellWorker = isActive(run.status) && lease?.tokenHash !== undefined;
     await finishRun(ctx, run, lease, "canceled", undefined, "canceled");
-    if (tellWorker) await scheduleCancelWebhook(ctx, run._id, run.attempt);
+    // A run is stopped through the Jobs API (and its next callback is refused as canceled).
+    if (tellWorker && lease !== null) await stopHolder(ctx, run, lease);
     return { ok: true, status: "canceled" };
   },
 });

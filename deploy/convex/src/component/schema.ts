@@ -5,7 +5,7 @@
  */
 import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
-import { vConfig, vDocKind, vRunError, vRunOptions, vRunStatus } from "./shared.js";
+import { vConfig, vDocKind, vRunError, vRunOptions, vRunStatus, vRunner } from "./shared.js";
 
 export default defineSchema({
   /**
@@ -71,6 +71,11 @@ export default defineSchema({
     lastSeq: v.number(),
     /** Sequence of the log lines handed to the host (across attempts). */
     logSeq: v.number(),
+    /** Who holds this attempt, set when the loop dispatches it: the warm worker, or a
+     * Serverless Jobs run (overflow). Kept after the attempt ends, as its record. */
+    runner: v.optional(vRunner),
+    /** The Serverless Jobs run's id once `start` answered (runner "run"). */
+    jobRunId: v.optional(v.string()),
     /** The attempt before this one, so a repeated final report from it is acknowledged. */
     previous: v.optional(
       v.object({ attempt: v.number(), tokenHash: v.optional(v.string()), outcome: v.string() }),
@@ -90,6 +95,8 @@ export default defineSchema({
     enqueuedAt: v.number(),
     /** Not dispatched before this time (backoff, Retry-After). */
     readyAt: v.number(),
+    /** Not sent to the warm worker before this time (it answered 503); a run may take it. */
+    warmBusyUntil: v.optional(v.number()),
   }).index("by_rank", ["queueRank", "enqueuedAt"]),
 
   /**
