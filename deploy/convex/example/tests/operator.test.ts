@@ -1,6 +1,6 @@
 /** The operator's board functions (docs/BOARD.md), through the host's `operatorApi()` re-exports. */
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { api, createJob, creds, fakeWorker, hostJob, internal, newT, run, settle, setupEnv, table, type T } from "./helpers";
+import { api, createJob, creds, fakeWorker, hostJob, inComponent, internal, newT, run, settle, setupEnv, table, type T } from "./helpers";
 
 const BOARD = "board-secret-shared-with-the-worker";
 const WRONG = "board-secret-shared-with-the-workeR";
@@ -232,5 +232,33 @@ describe("boardSnapshot", () => {
     expect(s.pending.map((r) => r.jobId)).toEqual([ids[11], ...ids.slice(0, 9)]);
     expect(s.counts.pending).toBe(12);
     expect(await t.query(internal.jobs.runStatus, { runId: ids[0]! })).toMatchObject({ status: "pending" });
+  });
+});
+
+describe("bounded reads", () => {
+  it("with 1,500 finished runs, pages stop 1,000 deep and every read stays within the limits", async () => {
+    const t = newT();
+    fakeWorker();
+    const now = Date.now();
+    // Inserted directly, 500 per transaction (so not counted): this is about the lists' reads.
+    for (let batch = 0; batch < 3; batch++) {
+      await inComponent(t, async (ctx) => {
+        for (let i = 0; i < 500; i++) {
+          const at = now - (batch * 500 + i) * 1000;
+          await ctx.db.insert("runs", {
+            status: "completed", repositoryUrl: "https://github.com/o/r.git", priority: 0, attempt: 1, maxAttempts: 3,
+            currentStep: 6, totalSteps: 6, progress: 1, message: "completed: 7 docs", storedDocs: 7, docsCount: 7,
+            createdAt: at - 60_000, updatedAt: at, finishedAt: at,
+          });
+        }
+      });
+    }
+    const first = await snapshot(t, 1, 50);
+    expect(first.recent).toHaveLength(50);
+    expect(first.recent[0]!.updatedAt).toBe(now); // newest first
+    const last = await snapshot(t, 20, 50);
+    expect(last.recent).toHaveLength(50);
+    expect(last.hasNext).toBe(false);
+    expect((await snapshot(t, 21, 50)).recent).toEqual([]);
   });
 });
