@@ -101,6 +101,27 @@ describe("retry", () => {
     });
     expect(await t.mutation(api.fondation.retry, { boardSecret: BOARD, jobId: "nope" })).toEqual({ ok: false, message: "unknown job" });
   });
+
+  it("the job page shows how each attempt ended, automatic retries included", async () => {
+    const t = newT();
+    const worker = fakeWorker();
+    const { runId } = await createJob(t, { maxAttempts: 2 });
+    const c1 = creds(worker, runId);
+    await t.mutation(api.fondation.claim, c1);
+    await t.mutation(api.fondation.progress, { ...c1, seq: 1, status: "cloning", currentStep: 0, totalSteps: 0, message: "cloning" });
+    await t.mutation(api.fondation.fail, { ...c1, code: "clone_failed", message: "503 from git", retryable: true });
+    await settle(t, 5_000);
+    const c2 = creds(worker, runId);
+    await t.mutation(api.fondation.claim, c2);
+    await t.mutation(api.fondation.fail, { ...c2, code: "cli_failed", message: "exit 3", retryable: false });
+    expect(await t.mutation(api.fondation.retry, { boardSecret: BOARD, jobId: runId })).toMatchObject({ ok: true });
+    const job = (await t.query(api.fondation.boardJob, { boardSecret: BOARD, jobId: runId }))!;
+    expect(job.attempts.map((a) => [a.attempt, a.status, a.error?.code ?? null])).toEqual([
+      [1, "failed", "clone_failed"],
+      [2, "failed", "cli_failed"],
+      [3, "pending", null],
+    ]);
+  });
 });
 
 describe("cancel", () => {

@@ -8,9 +8,9 @@
  * the run from that count to its current status's, so a status change that skipped this (none
  * should) is corrected by the run's next change.
  */
-import type { Id } from "./_generated/dataModel.js";
+import type { Doc, Id } from "./_generated/dataModel.js";
 import type { MutationCtx, QueryCtx } from "./_generated/server.js";
-import type { FondationChange } from "./shared.js";
+import { isFinal, type FondationChange, type RunError } from "./shared.js";
 
 /** Log lines kept per run for the board's job page. */
 export const LOG_TAIL = 40;
@@ -60,6 +60,7 @@ export async function noteChange(
   if (change.kind === "logs") {
     await keepLogTail(ctx, run._id, change.lines);
   } else if (change.kind !== "docs" && change.kind !== "priority") {
+    if (change.kind === "status" && change.lastError !== undefined) await closeAttempt(ctx, run, change.lastError, now);
     await ctx.db.insert("boardSteps", {
       runId: run._id,
       attempt: run.attempt,
@@ -71,6 +72,22 @@ export async function noteChange(
       error: run.error,
     });
   }
+}
+
+/** An attempt that ended in a retry was last recorded running: record how it ended. (One that
+ * ended failed or dead, then retried by the operator, already has its final row.) */
+async function closeAttempt(ctx: MutationCtx, run: Doc<"runs">, error: RunError, now: number): Promise<void> {
+  const last = await ctx.db
+    .query("boardSteps")
+    .withIndex("by_run_at", (q) => q.eq("runId", run._id))
+    .order("desc")
+    .first();
+  if (last === null || last.attempt >= run.attempt || isFinal(last.status)) return;
+  await ctx.db.insert("boardSteps", { ...pick(last), at: now, status: "failed", message: error.message, error });
+}
+
+function pick(row: Doc<"boardSteps">) {
+  return { runId: row.runId, attempt: row.attempt, step: row.step, totalSteps: row.totalSteps };
 }
 
 async function keepLogTail(ctx: MutationCtx, runId: Id<"runs">, lines: { seq: number; line: string }[]): Promise<void> {

@@ -12,16 +12,16 @@
  * kick the loop, as every producer does; a retried run is dispatched by the loop.
  */
 import { ConvexError, v } from "convex/values";
-import type { Doc, Id } from "./_generated/dataModel.js";
+import type { Doc } from "./_generated/dataModel.js";
 import { mutation, query, type MutationCtx, type QueryCtx } from "./_generated/server.js";
 import { LOG_TAIL, boardTotals, noteChange } from "./board.js";
 import { emit } from "./events.js";
 import { kick } from "./kick.js";
 import { cancelRun } from "./lib.js";
 import { enqueueRun, leaseOf, queueRank, scheduleDocsCleanup } from "./model.js";
-import { hashToken, constantTimeEqual } from "./signing.js";
 import { vActionResult, vBoardJob, vBoardSnapshot, type BoardJobRow } from "./boardShapes.js";
-import { ACTIVE_STATUSES, type RunError, type RunStatus } from "./shared.js";
+import { constantTimeEqual, hashToken } from "./signing.js";
+import { ACTIVE_STATUSES, isActive, type RunError, type RunStatus } from "./shared.js";
 
 /** A board secret shorter than this is treated as not configured. */
 export const MIN_SECRET_LENGTH = 16;
@@ -53,7 +53,7 @@ async function gate(args: { boardSecret: string; configuredSecret?: string }): P
 }
 
 async function boardRow(ctx: QueryCtx, run: Doc<"runs">): Promise<BoardJobRow> {
-  const lease = ACTIVE_STATUSES.includes(run.status as never) ? await leaseOf(ctx, run._id) : null;
+  const lease = isActive(run.status) ? await leaseOf(ctx, run._id) : null;
   return {
     jobId: run._id,
     attempt: run.attempt,
@@ -158,11 +158,6 @@ export const boardJob = query({
       const seen = attempts.get(t.attempt);
       const last = { status: t.status, updatedAt: t.at, error: t.error ?? null };
       attempts.set(t.attempt, { attempt: t.attempt, startedAt: seen?.startedAt ?? t.at, ...last });
-    }
-    // An attempt that ended in an automatic retry was last seen running: it ended with `lastError`.
-    const previous = attempts.get(run.attempt - 1);
-    if (previous !== undefined && run.lastError !== undefined && previous.error === null) {
-      attempts.set(previous.attempt, { ...previous, status: "failed", error: run.lastError });
     }
     attempts.set(run.attempt, {
       attempt: run.attempt,
@@ -291,7 +286,7 @@ export const setPriority = mutation({
     await ctx.db.patch(run._id, { priority, updatedAt: Date.now() });
     const entries = await ctx.db
       .query("queue")
-      .withIndex("by_run", (q) => q.eq("runId", run._id as Id<"runs">))
+      .withIndex("by_run", (q) => q.eq("runId", run._id))
       .take(10);
     for (const e of entries) await ctx.db.patch(e._id, { queueRank: queueRank(priority) });
     await noteChange(ctx, run._id, { kind: "priority" });
