@@ -3,6 +3,7 @@
  *
  *   export const fondation = new Fondation(components.fondation, { cloneToken: internal.jobs.cloneToken });
  *   export const { claim, progress, putDocs, complete, fail } = fondation.workerApi();
+ *   export const { boardSnapshot, boardJob, retry, cancelJob, setPriority } = fondation.operatorApi();
  *   const runId = await fondation.enqueue(ctx, { repositoryUrl, onEvent: internal.jobs.onEvent, context });
  *
  * Settings come from the options, else from the host's environment (`FONDATION_*`), read at
@@ -11,6 +12,7 @@
 import {
   createFunctionHandle,
   mutationGeneric,
+  queryGeneric,
   type FunctionReference,
   type GenericDataModel,
   type GenericMutationCtx,
@@ -20,6 +22,7 @@ import {
 } from "convex/server";
 import { v, type Infer } from "convex/values";
 import type { ComponentApi } from "../component/_generated/component.js";
+import { vActionResult, vBoardJob, vBoardSnapshot } from "../component/boardShapes.js";
 import {
   DEFAULT_CONFIG,
   callbackAuth,
@@ -58,6 +61,7 @@ export {
   type RunView,
 } from "../component/shared.js";
 export type { ComponentApi } from "../component/_generated/component.js";
+export { vActionResult, vBoardJob, vBoardJobRow, vBoardSnapshot, type BoardJobRow } from "../component/boardShapes.js";
 
 export type RunId = string;
 export type DocView = Infer<typeof vDocView>;
@@ -135,6 +139,9 @@ export interface FondationOptions {
   cloneToken?: CloneTokenQuery;
   /** Overflow to Serverless Jobs runs; without a job definition id: warm only. */
   overflow?: OverflowOptions;
+  /** Secret shared with the worker's board (its BOARD_SECRET), at least 16 characters; the
+   * operator functions refuse every call without it. Default: env FONDATION_BOARD_SECRET. */
+  boardSecret?: string;
 }
 
 function envString(name: string): string | undefined {
@@ -243,6 +250,53 @@ export class Fondation {
   /** The current attempt's docs in reading order, a page at a time. */
   async listDocs(ctx: RunQueryCtx, runId: RunId, paginationOpts: PaginationOptions): Promise<PaginationResult<DocView>> {
     return await ctx.runQuery(this.component.lib.listDocs, { runId, paginationOpts });
+  }
+
+  /**
+   * The operator's board functions (docs/BOARD.md). Export them from `convex/fondation.ts` so
+   * their paths are `fondation:boardSnapshot`, `fondation:boardJob`, `fondation:retry`,
+   * `fondation:cancelJob` and `fondation:setPriority`. Public on purpose (the worker has no
+   * deploy key): each call carries `boardSecret`, which the component compares in constant time
+   * with this client's `boardSecret` (read at call time) and refuses with
+   * `ConvexError({code: "forbidden"})` when it differs or none is configured.
+   */
+  operatorApi() {
+    const component = this.component;
+    const configured = () => this.options.boardSecret ?? envString("FONDATION_BOARD_SECRET");
+    const secret = { boardSecret: v.string() };
+    const jobArgs = { ...secret, jobId: v.string() };
+    return {
+      boardSnapshot: queryGeneric({
+        args: { ...secret, page: v.number(), pageSize: v.number() },
+        returns: vBoardSnapshot,
+        handler: async (ctx, args) =>
+          await ctx.runQuery(component.operator.boardSnapshot, { ...args, configuredSecret: configured() }),
+      }),
+      boardJob: queryGeneric({
+        args: jobArgs,
+        returns: v.union(v.null(), vBoardJob),
+        handler: async (ctx, args) =>
+          await ctx.runQuery(component.operator.boardJob, { ...args, configuredSecret: configured() }),
+      }),
+      retry: mutationGeneric({
+        args: jobArgs,
+        returns: vActionResult,
+        handler: async (ctx, args) =>
+          await ctx.runMutation(component.operator.retry, { ...args, configuredSecret: configured() }),
+      }),
+      cancelJob: mutationGeneric({
+        args: jobArgs,
+        returns: vActionResult,
+        handler: async (ctx, args) =>
+          await ctx.runMutation(component.operator.cancelJob, { ...args, configuredSecret: configured() }),
+      }),
+      setPriority: mutationGeneric({
+        args: { ...jobArgs, priority: v.number() },
+        returns: vActionResult,
+        handler: async (ctx, args) =>
+          await ctx.runMutation(component.operator.setPriority, { ...args, configuredSecret: configured() }),
+      }),
+    };
   }
 
   /**
