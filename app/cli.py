@@ -1,4 +1,4 @@
-"""Command line: `fondation-worker serve` and `fondation-worker submit`."""
+"""Command line: `fondation-worker serve`, `run-one` and `submit`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fondation-worker", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the worker (settings from the environment)")
+    sub.add_parser(
+        "run-one",
+        help="run the one job.start in FONDATION_JOB_MESSAGE / FONDATION_JOB_HEADERS, then exit "
+        "(0 completed, 1 failed, 2 config, 3 refused, 4 dropped, 5 canceled, 6 interrupted, "
+        "7 unreported; see app/run_one.py)",
+    )
     s = sub.add_parser("submit", help="send a signed job.start to a running worker")
     s.add_argument("repository_url", help="https:// URL of the git repository")
     s.add_argument("--ref", help="branch, tag or commit (default: the default branch)")
@@ -58,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         serve(settings, env, redactor)
         return 0
+    if args.command == "run-one":
+        return _run_one(env)
 
     from app.submit import SubmitError, SubmitRequest, new_job_id, run_submit, secret_from_env
 
@@ -77,6 +85,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _run_one(env: dict[str, str]) -> int:
+    import asyncio
+
+    from app.clock import SystemClock
+    from app.errors import LaunchError
+    from app.logs import Redactor, configure_logging
+    from app.run_one import ExitCode, message_from_env, run_one
+    from app.urlpolicy import system_resolver
+
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        print(f"fondation-worker run-one: configuration error: {exc}", file=sys.stderr)
+        return int(ExitCode.CONFIG)
+    redactor = Redactor(settings.secret_values())
+    configure_logging(settings.log_level, redactor)
+    try:
+        message = message_from_env(env)
+    except LaunchError as exc:
+        print(f"fondation-worker run-one: {exc}", file=sys.stderr)
+        return int(ExitCode.REFUSED)
+    code = asyncio.run(
+        run_one(
+            settings,
+            message,
+            environ=env,
+            clock=SystemClock(),
+            resolver=system_resolver,
+            redactor=redactor,
+        )
+    )
+    return int(code)
 
 
 if __name__ == "__main__":

@@ -70,3 +70,25 @@ class CheckpointError(WorkerError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class MediaTypeError(WorkerError):
+    """A signed message that does not say it is JSON (its `content-type` header)."""
+
+    def __init__(self) -> None:
+        super().__init__("Content-Type must be JSON")
+
+
+class BadJsonError(WorkerError):
+    """A signed message whose body is not valid JSON."""
+
+    def __init__(self) -> None:
+        super().__init__("the body is not valid JSON")
+
+
+class LaunchError(WorkerError):
+    """A `run-one` launch is missing its message, or the message is malformed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -8,7 +8,8 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
@@ -54,19 +55,29 @@ def build_reporter(
     return MirroredReporter(primary=convex, mirror=store)
 
 
-def create_app(
+@dataclass(frozen=True)
+class Runtime:
+    """The job layer and the stores behind it, built once per process."""
+
+    store: SqliteJobStore
+    reporter: JobReporter
+    manager: JobManager
+    metrics: Metrics
+    redactor: Redactor
+
+
+def build_runtime(
     settings: Settings,
     *,
-    environ: Mapping[str, str] | None = None,
-    clock: Clock | None = None,
-    resolver: Resolver | None = None,
+    environ: Mapping[str, str],
+    clock: Clock,
+    resolver: Resolver,
     reporter: JobReporter | None = None,
     redactor: Redactor | None = None,
-    board_source: BoardSource | None = None,
-) -> Starlette:
-    """The worker as an ASGI app; every dependency can be injected for tests."""
-    clock = clock or SystemClock()
-    environ = dict(os.environ if environ is None else environ)
+    wrap_reporter: Callable[[JobReporter], JobReporter] | None = None,
+) -> Runtime:
+    """The store, reporter and `JobManager` shared by `serve` and `run-one`; `wrap_reporter`
+    lets `run-one` watch the callbacks to learn how its attempt ended."""
     redactor = redactor or Redactor(settings.secret_values())
     for name, value in environ.items():  # e.g. ANTHROPIC_API_KEY, which the CLI may echo
         if any(marker in name.upper() for marker in SECRET_ENV_MARKERS):
@@ -81,14 +92,49 @@ def create_app(
         retention_s=settings.job_retention_s,
     )
     reporter = reporter or build_reporter(settings, store, clock, metrics)
+    if wrap_reporter is not None:
+        reporter = wrap_reporter(reporter)
     manager = JobManager(
         settings=settings,
         reporter=reporter,
         clock=clock,
         metrics=metrics,
         environ=environ,
-        resolver=resolver or system_resolver,
+        resolver=resolver,
         redactor=redactor,
+    )
+    return Runtime(
+        store=store, reporter=reporter, manager=manager, metrics=metrics, redactor=redactor
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str] | None = None,
+    clock: Clock | None = None,
+    resolver: Resolver | None = None,
+    reporter: JobReporter | None = None,
+    redactor: Redactor | None = None,
+    board_source: BoardSource | None = None,
+) -> Starlette:
+    """The worker as an ASGI app; every dependency can be injected for tests."""
+    clock = clock or SystemClock()
+    environ = dict(os.environ if environ is None else environ)
+    resolver = resolver or system_resolver
+    runtime = build_runtime(
+        settings,
+        environ=environ,
+        clock=clock,
+        resolver=resolver,
+        reporter=reporter,
+        redactor=redactor,
+    )
+    store, reporter, manager, metrics = (
+        runtime.store,
+        runtime.reporter,
+        runtime.manager,
+        runtime.metrics,
     )
     board = build_board(settings, store=store, manager=manager, clock=clock, source=board_source)
     services = Services(
@@ -98,7 +144,7 @@ def create_app(
         verifier=Verifier.from_secrets(settings.webhook_secrets, settings.webhook_tolerance_s),
         metrics=metrics,
         clock=clock,
-        resolver=resolver or system_resolver,
+        resolver=resolver,
     )
 
     @contextlib.asynccontextmanager

@@ -31,6 +31,7 @@ OPTION_KEYS = frozenset({"model", "steps"})
 class Envelope:
     """A verified, parsed webhook: its event and the body fingerprint for deduplication."""
 
+    webhook_id: str
     event_type: str
     event: JobSpec | CancelRequest
     fingerprint: str
@@ -149,4 +150,6 @@ def parse_envelope(webhook_id: str, doc: Any, body: bytes) -> Envelope:
         expected_id = f"{event.job_id}:{event.attempt}:cancel"
     if webhook_id != expected_id:
         raise PayloadError("webhook-id", f"must be {expected_id!r} for this {event_type}")
-    return Envelope(event_type=event_type, event=event, fingerprint=fingerprint(body))
+    return Envelope(
+        webhook_id=webhook_id, event_type=event_type, event=event, fingerprint=fingerprint(body)
+    )

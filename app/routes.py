@@ -19,10 +19,11 @@ from app.adapters.sqlite_store import Delivery, JobView, SqliteJobStore
 from app.clock import Clock
 from app.config import Settings
 from app.domain import CancelRequest, Doc, JobSpec, JobStatus
-from app.errors import PayloadError, SignatureError, StoreError
+from app.errors import BadJsonError, MediaTypeError, PayloadError, SignatureError, StoreError
+from app.intake import parse_message, verify_message
 from app.jobs import JobManager, NoSlotError
 from app.metrics import Metrics
-from app.payload import JOB_START, decode_json, fingerprint, parse_envelope
+from app.payload import JOB_START, fingerprint
 from app.signing import Verifier
 from app.urlpolicy import Resolver
 
@@ -114,15 +115,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _is_json(content_type: str | None) -> bool:
-    if not content_type:
-        return False
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json")
-    )
-
-
 def _duplicate(services: Services, delivery: Delivery, fingerprint: str) -> JSONResponse:
     if delivery.fingerprint != fingerprint:
         raise Problem(
@@ -160,13 +152,13 @@ async def _handle_webhook(request: Request, services: Services) -> tuple[str, st
     """Returns (event type, outcome, response)."""
     body = await _read_body(request, services.settings.max_body_bytes)
     try:
-        webhook_id = services.verifier.verify(request.headers, body, now_s=services.clock.now())
+        webhook_id = verify_message(
+            services.verifier, request.headers, body, now_s=services.clock.now()
+        )
     except SignatureError as exc:
         raise Problem(401, "invalid-signature", "Unauthorized", exc.reason) from None
-    if not _is_json(request.headers.get("content-type")):
-        raise Problem(
-            415, "unsupported-media-type", "Unsupported Media Type", "Content-Type must be JSON"
-        )
+    except MediaTypeError as exc:
+        raise Problem(415, "unsupported-media-type", "Unsupported Media Type", str(exc)) from None
     store, manager = services.store, services.manager
     # A redelivery is answered before the body is parsed: a body with the recorded
     # fingerprint was valid when it was recorded; any other body is a conflict.
@@ -174,11 +166,9 @@ async def _handle_webhook(request: Request, services: Services) -> tuple[str, st
     if existing is not None:
         return existing.type, "duplicate", _duplicate(services, existing, fingerprint(body))
     try:
-        doc = decode_json(body)
-    except ValueError:
-        raise Problem(400, "bad-json", "Bad Request", "the body is not valid JSON") from None
-    try:
-        envelope = parse_envelope(webhook_id, doc, body)
+        envelope = parse_message(webhook_id, body)
+    except BadJsonError as exc:
+        raise Problem(400, "bad-json", "Bad Request", str(exc)) from None
     except PayloadError as exc:
         raise Problem(422, "invalid-payload", "Unprocessable Content", str(exc)) from None
 

@@ -1,4 +1,5 @@
-"""`python -m deploy`: create or update the worker's Scaleway Serverless Container.
+"""`python -m deploy`: create or update the worker's Scaleway Serverless Container and, with
+`--job-definition`, the Serverless Jobs definition that runs overflow jobs (`run-one`).
 
 Exit status: 0 deployed (or unchanged), 1 the deploy failed (API error, container not ready),
 2 bad arguments or missing credentials.
@@ -31,6 +32,15 @@ try:
         make_client,
         plan,
     )
+    from deploy.serverless_jobs import (
+        DEFAULT_JOB_TIMEOUT_S,
+        MAX_JOB_TIMEOUT_S,
+        REQUIRED_SECRET,
+        JobDefinitionSpec,
+        JobsDeployer,
+        SecretRef,
+    )
+    from deploy.serverless_jobs import plan as jobs_plan
 except ModuleNotFoundError as exc:
     # The SDK is the `deploy` extra, not a runtime dependency (the image leaves it out).
     if not (exc.name or "").startswith("scaleway"):
@@ -100,6 +110,33 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="K",
         help="secret env var K, value read from this process's environment; repeatable",
+    )
+    jobs = p.add_argument_group(
+        "overflow runs (Serverless Jobs)",
+        "with --job-definition, also create or update a job definition that runs one job per "
+        "run (fondation-worker run-one) with the container's image, CPU, memory and storage",
+    )
+    jobs.add_argument("--job-definition", metavar="NAME", help="job definition name (exact)")
+    jobs.add_argument(
+        "--job-timeout-s",
+        type=int,
+        default=DEFAULT_JOB_TIMEOUT_S,
+        help=f"run time limit, 1 to {MAX_JOB_TIMEOUT_S} (default {DEFAULT_JOB_TIMEOUT_S})",
+    )
+    jobs.add_argument(
+        "--job-env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="plain env var for runs only (after --env); repeatable",
+    )
+    jobs.add_argument(
+        "--job-secret-ref",
+        action="append",
+        default=[],
+        metavar="ENV=SECRET_ID[:VERSION]",
+        help=f"a Secret Manager secret exposed to runs as ENV; {REQUIRED_SECRET} is required; "
+        "repeatable (version default: latest)",
     )
     p.add_argument("--redeploy", action="store_true", help="force a rollout even if unchanged")
     p.add_argument("--wait-timeout-s", type=float, default=900.0)
@@ -188,6 +225,36 @@ def build_spec(args: argparse.Namespace, env: Mapping[str, str]) -> DeploySpec:
     return spec
 
 
+def build_jobs_spec(args: argparse.Namespace, spec: DeploySpec) -> JobDefinitionSpec | None:
+    """The job definition, from the container's spec (image, sizes, plain env) and the
+    --job-* flags; never the container's secret values."""
+    if args.job_definition is None:
+        return None
+    jobs = JobDefinitionSpec(
+        name=args.job_definition,
+        image=spec.image,
+        region=spec.region,
+        cpu_mvcpu=spec.cpu_mvcpu,
+        memory_mb=spec.memory_mb,
+        local_storage_mb=spec.local_storage_mb,
+        timeout_s=args.job_timeout_s,
+        env=tuple({**dict(spec.env), **dict(_pairs(args.job_env, "--job-env"))}.items()),
+        secret_refs=tuple(SecretRef.parse(item) for item in args.job_secret_ref),
+    )
+    jobs.validate()
+    return jobs
+
+
+def jobs_warnings(spec: DeploySpec, jobs: JobDefinitionSpec) -> list[str]:
+    refs = {r.env_var for r in jobs.secret_refs}
+    return [
+        f"WARNING: the container gets {key} as a secret but runs will not: add "
+        f"--job-secret-ref {key}=<Secret Manager secret id> if the CLI needs it in runs too."
+        for key, _ in spec.secrets
+        if key not in refs
+    ]
+
+
 def scale_warnings(spec: DeploySpec) -> list[str]:
     notes = []
     if spec.min_scale != spec.max_scale:
@@ -210,16 +277,23 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     args = _parser().parse_args(argv)
     try:
         spec = build_spec(args, environ)
-        for note in scale_warnings(spec):
+        jobs = build_jobs_spec(args, spec)
+        notes = scale_warnings(spec) + (jobs_warnings(spec, jobs) if jobs else [])
+        for note in notes:
             print(note, file=sys.stderr, flush=True)
         if args.dry_run:
             project = environ.get("SCW_DEFAULT_PROJECT_ID")
-            print(json.dumps(plan(spec, project), indent=2))
+            printed = plan(spec, project)
+            if jobs is not None:
+                printed["job_definition"] = jobs_plan(jobs, project)
+            print(json.dumps(printed, indent=2))
             return 0
         from scaleway.container.v1 import ContainerV1API
+        from scaleway.jobs.v1alpha2 import JobsV1Alpha2API
 
         client = make_client(environ, spec.region)
         outcome = Deployer(ContainerV1API(client), spec).run()
+        jobs_outcome = JobsDeployer(JobsV1Alpha2API(client), jobs).run() if jobs else None
     except DeployError as exc:
         print(f"deploy: {exc}", file=sys.stderr, flush=True)
         return exc.code
@@ -231,6 +305,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 1
     print(f"{outcome.action}: {spec.container} ({spec.image}) is ready")
     print(f"url: {outcome.url}")
+    if jobs_outcome is not None:
+        definition = jobs_outcome.definition
+        print(f"{jobs_outcome.action}: job definition {definition.name} ({definition.image_uri})")
+        print(f"job definition id: {definition.id}")
     return 0
 
 

@@ -345,11 +345,11 @@ def _redact(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-class _Captured(Exception):
+class Captured(Exception):
     """Raised by `_RecordingAPI._request` instead of sending anything."""
 
 
@@ -379,7 +379,7 @@ class _RecordingAPI(ContainerV1API):  # type: ignore[misc]
         if body is not None:
             entry["body"] = _redact(body) if isinstance(body, dict) else body
         self.recorded.append(entry)
-        raise _Captured
+        raise Captured
 
 
 def plan(spec: DeploySpec, project_id: str | None) -> dict[str, Any]:
@@ -432,14 +432,14 @@ def plan(spec: DeploySpec, project_id: str | None) -> dict[str, Any]:
     for when, call in calls:
         try:
             call()
-        except _Captured:
+        except Captured:
             requests.append({"when": when, **api.recorded[-1]})
     return {
         "dry_run": True,
         "api": "Serverless Containers v1 (scaleway.container.v1)",
         "region": spec.region,
         "image": spec.image,
-        "requests": _jsonable(requests),
+        "requests": jsonable(requests),
     }
 
 

@@ -8,7 +8,8 @@ Convex's WebSocket sync protocol, so the board does not subscribe: one poller (`
 Every call carries `boardSecret` (BOARD_SECRET, shared by the worker and the deployment and
 compared there in constant time); it stays on the server and is never rendered to the browser.
 
-Functions (timestamps in ms; see the report / docs for the full spec):
+Functions (timestamps in ms; the full spec is docs/BOARD.md, the component's side
+deploy/convex/src/component/operator.ts):
   query    fondation:boardSnapshot {boardSecret, page, pageSize} -> Snapshot
   query    fondation:boardJob      {boardSecret, jobId}          -> JobDetail | null
   mutation fondation:retry         {boardSecret, jobId}          -> {ok, message}

@@ -53,7 +53,7 @@ type Kind = "query" | "mutation" | "action";
 type Fn = { isQuery?: boolean; isMutation?: boolean; isAction?: boolean; isPublic?: boolean; isInternal?: boolean };
 
 const MAX_BODY = 16 * 1024 * 1024; // Convex's argument size limit
-const SECRET_KEYS = new Set(["callbackToken", "cloneToken"]);
+const SECRET_KEYS = new Set(["callbackToken", "cloneToken", "boardSecret"]);
 
 const t = convexTest({ schema, modules, transactionLimits: true });
 const componentSchema = (await import(pathToFileURL(join(COMPONENT_DIR, "schema.js")).href)).default;

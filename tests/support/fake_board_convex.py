@@ -1,15 +1,14 @@
 """A fake of the host's operator functions (the board's Convex spec) behind Convex's HTTP API,
-as an `httpx.MockTransport`: `POST /api/query|mutation {"path", "args", "format": "json"}`."""
+as an `httpx.MockTransport`: `POST /api/query|mutation {"path", "args", "format": "json"}`.
+For fast unit tests of the board's Convex source; the real component is tested behind the
+bridge (tests/convex/test_board_source_convex.py, tests/browser/test_board_browser_convex.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -82,34 +81,6 @@ class FakeBoardConvex:
         if handler is None:
             return 404, {"code": "NotFound"}
         return 200, {"status": "success", "value": handler(**args)}
-
-    @contextlib.contextmanager
-    def serve(self) -> Iterator[str]:
-        """Serve the fake over HTTP on 127.0.0.1 (for a real worker process); yields its URL."""
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("content-length", "0")))
-                status, answer = fake.answer(json.loads(raw))
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}"
-        finally:
-            server.shutdown()
-            server.server_close()
 
     def _snapshot(self, page: float, pageSize: float) -> dict[str, Any]:
         rows = list(self.jobs.values())

@@ -1,7 +1,14 @@
-"""A tiny local stand-in for the Scaleway Serverless Containers API v1, for the deploy tests.
+"""A tiny local stand-in for the Scaleway Serverless Containers API v1 and Serverless Jobs API
+v1alpha2, for the deploy and overflow tests.
 
-Only what `python -m deploy` uses: namespaces list/create/get, containers
-list/create/get/update/redeploy. It checks the `X-Auth-Token` header, records every request,
+Containers: what `python -m deploy` uses: namespaces list/create/get, containers
+list/create/get/update/redeploy. Jobs: job definitions CRUD, their secret references, `start`
+(which launches the run *locally* as a subprocess, `fondation-worker run-one` by default, with
+the definition's environment, its secret references resolved from `secret_manager`, and the
+start's environment overrides; every start's overrides are recorded in `starts`, as Scaleway
+keeps them in the run history), job runs get/list, and `stop` (SIGTERM, then SIGKILL after
+`stop_grace_s`). `JOBS_TOKEN` stands for an IAM key limited to Serverless Jobs: it is accepted
+on the jobs API only. It checks the `X-Auth-Token` header, records every request,
 filters lists by *substring* of the name (so callers must compare names exactly), paginates
 with a small page size, and moves containers through `creating`/`updating` to `ready` (or
 `error` when told) after a few polls. Point the real SDK at it with `SCW_API_URL`.
@@ -11,12 +18,21 @@ It refuses (400) what the API refuses and the SDK does not check: a timeout outs
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,7 +42,23 @@ PROJECT_ID = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
 ORGANIZATION_ID = PROJECT_ID
 REGION = "fr-par"
 
+JOBS_TOKEN = "22222222-3333-4444-8555-666666666666"  # an IAM key limited to Serverless Jobs
 _PREFIX = re.compile(r"^/containers/v1/regions/(?P<region>[a-z0-9-]+)(?P<rest>/.*)$")
+_JOBS = re.compile(r"^/serverless-jobs/v1alpha2/regions/(?P<region>[a-z0-9-]+)(?P<rest>/.*)$")
+_DEFINITION_FIELDS = (
+    "name",
+    "cpu_limit",
+    "memory_limit",
+    "local_storage_capacity",
+    "image_uri",
+    "environment_variables",
+    "description",
+    "startup_command",
+    "args",
+    "job_timeout",
+    "retry_policy",
+)
+RUN_COMMAND = (sys.executable, "-m", "app", "run-one")
 _CONTAINER_FIELDS = (
     "environment_variables",
     "min_scale",
@@ -81,6 +113,22 @@ class Recorded:
 
 
 @dataclass
+class StartRecord:
+    """One `start` as the API saw it: the overrides are what the run history keeps."""
+
+    definition_id: str
+    run_id: str
+    env_overrides: dict[str, str]
+    at_monotonic: float
+
+
+@dataclass
+class FakeRun:
+    data: dict[str, Any]
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
 class FakeScaleway:
     """State and knobs of the fake API; `url` is set once `start()` returns."""
 
@@ -91,6 +139,22 @@ class FakeScaleway:
     containers: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     url: str = ""
+    # Jobs: runs launch `run_command` in `run_cwd` with `run_base_env` (what the image would
+    # hold) + the definition's env + resolved secret refs + the start's overrides.
+    definitions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secret_refs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secret_manager: dict[str, str] = field(default_factory=dict)  # secret id -> value
+    runs: dict[str, FakeRun] = field(default_factory=dict)
+    starts: list[StartRecord] = field(default_factory=list)
+    run_command: tuple[str, ...] = RUN_COMMAND
+    run_base_env: dict[str, str] = field(default_factory=dict)
+    run_cwd: str | None = None
+    run_log_dir: Path | None = None
+    # When set, each run gets its own DATA_DIR and WORK_DIR under it, as each real run has
+    # its own ephemeral disk.
+    run_data_root: Path | None = None
+    stop_grace_s: float = 10.0
+    on_start: Callable[[StartRecord], None] | None = None
     _pending: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -111,7 +175,7 @@ class FakeScaleway:
                 status, payload = fake.handle(
                     self.command, self.path, raw, self.headers.get("X-Auth-Token")
                 )
-                data = json.dumps(payload).encode()
+                data = b"" if status == 204 else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -128,6 +192,10 @@ class FakeScaleway:
         return self
 
     def stop(self) -> None:
+        for run in list(self.runs.values()):
+            if run.proc is not None and run.proc.poll() is None:
+                os.killpg(run.proc.pid, signal.SIGKILL)
+                run.proc.wait(timeout=10)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -235,8 +303,11 @@ class FakeScaleway:
         body = json.loads(raw) if raw else None
         with self._lock:
             self.requests.append(Recorded(method, parts.path, query, body))
-            if token != SECRET_KEY:
+            jobs = _JOBS.match(parts.path)
+            if token != SECRET_KEY and not (jobs is not None and token == JOBS_TOKEN):
                 return 401, {"message": "authentication is denied", "type": "denied_authentication"}
+            if jobs is not None:
+                return self._jobs_route(method, jobs.group("rest"), query, body or {})
             m = _PREFIX.match(parts.path)
             if m is None:
                 return 404, {"message": "resource is not found", "type": "not_found"}
@@ -301,3 +372,250 @@ class FakeScaleway:
                 self._advance(c)
                 return 200, c
         return 404, {"message": f"no route for {method} {rest}", "type": "not_found"}
+
+    # --- Serverless Jobs ---------------------------------------------------------------------
+
+    def add_definition(self, body: dict[str, Any]) -> dict[str, Any]:
+        now = _now_iso()
+        d: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "name": body.get("name") or "job-fake",
+            "project_id": PROJECT_ID,
+            "cpu_limit": 0,
+            "memory_limit": 0,
+            "local_storage_capacity": 0,
+            "image_uri": "",
+            "environment_variables": {},
+            "description": "",
+            "startup_command": [],
+            "args": [],
+            "job_timeout": None,
+            "retry_policy": {"max_retries": 0},
+            "region": REGION,
+            "created_at": now,
+            "updated_at": now,
+            "command": "",
+            "cron_schedule": None,
+        }
+        for key in _DEFINITION_FIELDS:
+            if key in body and body[key] is not None:
+                d[key] = body[key]
+        self.definitions[d["id"]] = d
+        return d
+
+    def run_env(self, run_id: str) -> dict[str, str]:
+        """The environment the run's process was started with (for checks)."""
+        return dict(self.runs[run_id].data["_env"])
+
+    def process(self, run_id: str) -> subprocess.Popen[bytes] | None:
+        return self.runs[run_id].proc
+
+    def kill_run(self, run_id: str) -> None:
+        """SIGKILL the run's process and every descendant (the CLI has its own process
+        group), as a lost node ends a whole container."""
+        import psutil
+
+        proc = self.runs[run_id].proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+    def _secret_env(self, definition_id: str) -> dict[str, str]:
+        out = {}
+        for ref in self.secret_refs.values():
+            if ref["job_definition_id"] == definition_id and ref.get("env_var"):
+                out[ref["env_var"]["name"]] = self.secret_manager.get(ref["secret_manager_id"], "")
+        return out
+
+    def _launch(self, d: dict[str, Any], overrides: dict[str, str]) -> FakeRun:
+        run_id = str(uuid.uuid4())
+        env = {
+            **self.run_base_env,
+            **d["environment_variables"],
+            **self._secret_env(d["id"]),
+            **overrides,
+        }
+        if self.run_data_root is not None:
+            env["DATA_DIR"] = str(self.run_data_root / run_id / "data")
+            env["WORK_DIR"] = str(self.run_data_root / run_id / "work")
+        now = _now_iso()
+        data: dict[str, Any] = {
+            "id": run_id,
+            "job_definition_id": d["id"],
+            "state": "running",
+            "cpu_limit": d["cpu_limit"],
+            "memory_limit": d["memory_limit"],
+            "local_storage_capacity": d["local_storage_capacity"],
+            # What Scaleway shows of a run: the definition's env and the overrides (not the
+            # secret references' values).
+            "environment_variables": {**d["environment_variables"], **overrides},
+            "startup_command": d["startup_command"],
+            "args": d["args"],
+            "region": REGION,
+            "created_at": now,
+            "updated_at": now,
+            "started_at": now,
+            "terminated_at": None,
+            "exit_code": None,
+            "error_message": None,
+            "reason": "unknown_reason",
+            "attempts": 1,
+            "_env": env,
+        }
+        log_path = (self.run_log_dir or Path("/tmp")) / f"run-{run_id}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                list(self.run_command),
+                env=env,
+                cwd=self.run_cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        run = FakeRun(data=data, proc=proc)
+        self.runs[run_id] = run
+        return run
+
+    def _refresh(self, run: FakeRun) -> None:
+        if run.proc is None or run.data["state"] not in ("running", "interrupting"):
+            return
+        code = run.proc.poll()
+        if code is None:
+            return
+        run.data["exit_code"] = code
+        run.data["terminated_at"] = _now_iso()
+        if run.data["state"] == "interrupting":
+            run.data["state"] = "interrupted"
+        else:
+            run.data["state"] = "succeeded" if code == 0 else "failed"
+
+    def _public_run(self, run: FakeRun) -> dict[str, Any]:
+        self._refresh(run)
+        return {k: v for k, v in run.data.items() if not k.startswith("_")}
+
+    def _stop_run(self, run: FakeRun) -> None:
+        proc = run.proc
+        if proc is None or proc.poll() is not None:
+            return
+        run.data["state"] = "interrupting"
+        os.killpg(proc.pid, signal.SIGTERM)
+
+        def reaper() -> None:
+            try:
+                proc.wait(timeout=self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+        threading.Thread(target=reaper, daemon=True).start()
+
+    def _jobs_route(
+        self, method: str, rest: str, q: dict[str, list[str]], body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        not_found = 404, {"message": "resource is not found", "type": "not_found"}
+        if rest == "/job-definitions" and method == "GET":
+            items = [
+                d
+                for d in self.definitions.values()
+                if q.get("project_id", [PROJECT_ID])[0] == d["project_id"]
+            ]
+            return 200, self._page(items, q, "job_definitions")
+        if rest == "/job-definitions" and method == "POST":
+            if body.get("project_id") != PROJECT_ID:
+                return 400, {"message": "invalid project_id", "type": "invalid_arguments"}
+            if not body.get("image_uri") or not body.get("cpu_limit"):
+                return 400, {"message": "image_uri and cpu_limit are required", "type": "invalid"}
+            return 200, self.add_definition(body)
+        if m := re.fullmatch(r"/job-definitions/([^/]+)(/start)?", rest):
+            d = self.definitions.get(m.group(1))
+            if d is None:
+                return not_found
+            if m.group(2) and method == "POST":
+                overrides = {
+                    str(k): str(v) for k, v in (body.get("environment_variables") or {}).items()
+                }
+                run = self._launch(d, overrides)
+                record = StartRecord(d["id"], run.data["id"], overrides, time.monotonic())
+                self.starts.append(record)
+                if self.on_start is not None:
+                    self.on_start(record)
+                return 200, {"job_runs": [self._public_run(run)]}
+            if method == "GET":
+                return 200, d
+            if method == "PATCH":
+                for key in _DEFINITION_FIELDS:
+                    if key in body and body[key] is not None:
+                        d[key] = body[key]
+                d["updated_at"] = _now_iso()
+                return 200, d
+            if method == "DELETE":
+                del self.definitions[d["id"]]
+                return 204, None
+        if rest == "/secrets" and method == "GET":
+            did = q.get("job_definition_id", [""])[0]
+            items = [r for r in self.secret_refs.values() if r["job_definition_id"] == did]
+            return 200, {"secrets": items, "total_count": len(items)}
+        if rest == "/secrets" and method == "POST":
+            did = body.get("job_definition_id")
+            if did not in self.definitions:
+                return not_found
+            created = []
+            for cfg in body.get("secrets") or []:
+                if not cfg.get("env_var_name") and not cfg.get("path"):
+                    return 400, {"message": "env_var_name or path is required", "type": "invalid"}
+                ref = {
+                    "secret_id": str(uuid.uuid4()),
+                    "job_definition_id": did,
+                    "secret_manager_id": cfg["secret_manager_id"],
+                    "secret_manager_version": cfg["secret_manager_version"],
+                    "env_var": {"name": cfg["env_var_name"]} if cfg.get("env_var_name") else None,
+                    "file": {"path": cfg["path"]} if cfg.get("path") else None,
+                }
+                self.secret_refs[ref["secret_id"]] = ref
+                created.append(ref)
+            return 200, {"secrets": created}
+        if m := re.fullmatch(r"/secrets/([^/]+)", rest):
+            ref = self.secret_refs.get(m.group(1))
+            if ref is None:
+                return not_found
+            if method == "DELETE":
+                del self.secret_refs[ref["secret_id"]]
+                return 204, None
+            if method == "GET":
+                return 200, ref
+        if rest == "/job-runs" and method == "GET":
+            did = q.get("job_definition_id", [""])[0]
+            items = [
+                self._public_run(r)
+                for r in self.runs.values()
+                if not did or r.data["job_definition_id"] == did
+            ]
+            return 200, self._page(items, q, "job_runs")
+        if m := re.fullmatch(r"/job-runs/([^/]+)(/stop)?", rest):
+            run = self.runs.get(m.group(1))
+            if run is None:
+                return not_found
+            if m.group(2) and method == "POST":
+                self._stop_run(run)
+                return 200, self._public_run(run)
+            if method == "GET":
+                return 200, self._public_run(run)
+        return 404, {"message": f"no route for {method} {rest}", "type": "not_found"}
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def redacted_env(env: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
+    """`env` with every value that contains one of `secrets` replaced (for assertion messages)."""
+    return {
+        k: ("<secret>" if any(s and s in v for s in secrets.values()) else v)
+        for k, v in env.items()
+    }

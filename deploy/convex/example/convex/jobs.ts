@@ -84,6 +84,17 @@ export const cancel = mutation({
   },
 });
 
+/** The same for the app's own server code (and the tests), on behalf of a given user. */
+export const cancelFor = internalMutation({
+  args: { userId: v.string(), jobId: v.id("jobs") },
+  handler: async (ctx, { userId: user, jobId }): Promise<{ ok: boolean; status: string }> => {
+    const job = await ctx.db.get(jobId);
+    if (job === null || job.userId !== user) throw new ConvexError({ code: "not_found", message: "no such job" });
+    if (job.runId === undefined) return { ok: false, status: job.status };
+    return await fondation.cancel(ctx, job.runId);
+  },
+});
+
 export const get = query({
   args: { jobId: v.id("jobs") },
   handler: async (ctx, { jobId }): Promise<Doc<"jobs">> => await ownJob(ctx, jobId),

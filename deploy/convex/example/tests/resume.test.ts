@@ -153,10 +153,34 @@ describe("resume", () => {
     expect(await table(t, "checkpointFiles")).toEqual([]);
   });
 
-  it("drops the checkpoint when the run ends without another attempt", async () => {
+  it("keeps a failed run's checkpoint for the operator's retry, which resumes; a cancel drops it", async () => {
+    setupEnv({ FONDATION_BOARD_SECRET: "board-secret-shared-with-the-worker" });
     const t = newT();
     const worker = fakeWorker();
-    const { runId } = await createJob(t);
+    const { runId } = await createJob(t, { maxAttempts: 1 });
+    const c1 = creds(worker, runId);
+    await t.mutation(api.fondation.claim, c1);
+    const partial = { partial: true, commit: SHA, endedStep: "extract" };
+    await t.mutation(api.fondation.putDocs, { ...c1, docs: [file("step1_abstractions.yaml")], ...partial });
+    await t.mutation(api.fondation.fail, { ...c1, code: "cli_failed", message: "exit 3", retryable: false });
+    await settle(t);
+    expect((await run(t, runId)).status).toBe("failed");
+    expect(await t.mutation(api.fondation.retry, { boardSecret: "board-secret-shared-with-the-worker", jobId: runId })).toMatchObject({
+      ok: true,
+    });
+    await settle(t);
+    const c2 = creds(worker, runId);
+    expect(c2.attempt).toBe(2);
+    expect(await t.mutation(api.fondation.claim, c2)).toEqual({
+      ok: true,
+      checkpoint: { commit: SHA, ended: ["extract"], files: 1 },
+    });
+  });
+
+  it("drops the checkpoint when the run is canceled", async () => {
+    const t = newT();
+    const worker = fakeWorker();
+    const { jobId, runId } = await createJob(t);
     const c = creds(worker, runId);
     await t.mutation(api.fondation.claim, c);
     await t.mutation(api.fondation.putDocs, {
@@ -164,11 +188,11 @@ describe("resume", () => {
       docs: [file("step1_abstractions.yaml")],
       partial: true,
       commit: SHA,
-      endedStep: "extract",
     });
     expect(await table(t, "checkpointFiles")).toHaveLength(1);
-    await t.mutation(api.fondation.fail, { ...c, code: "output_invalid", message: "bad", retryable: false });
+    expect(await t.mutation(internal.jobs.cancelFor, { userId: "user-1", jobId })).toMatchObject({ ok: true });
     await settle(t);
+    expect((await run(t, runId)).status).toBe("canceled");
     expect((await run(t, runId)).checkpoint).toBeUndefined();
     expect(await table(t, "checkpointFiles")).toEqual([]);
   });

@@ -3,6 +3,7 @@
  *
  *   export const fondation = new Fondation(components.fondation, { cloneToken: internal.jobs.cloneToken });
  *   export const { claim, checkpointPage, progress, putDocs, complete, fail } = fondation.workerApi();
+ *   export const { boardSnapshot, boardJob, retry, cancelJob, setPriority } = fondation.operatorApi();
  *   const runId = await fondation.enqueue(ctx, { repositoryUrl, onEvent: internal.jobs.onEvent, context });
  *
  * Settings come from the options, else from the host's environment (`FONDATION_*`), read at
@@ -11,6 +12,7 @@
 import {
   createFunctionHandle,
   mutationGeneric,
+  queryGeneric,
   type FunctionReference,
   type GenericDataModel,
   type GenericMutationCtx,
@@ -20,6 +22,7 @@ import {
 } from "convex/server";
 import { v, type Infer } from "convex/values";
 import type { ComponentApi } from "../component/_generated/component.js";
+import { vActionResult, vBoardJob, vBoardSnapshot } from "../component/boardShapes.js";
 import {
   DEFAULT_CONFIG,
   callbackAuth,
@@ -59,6 +62,7 @@ export {
   type RunView,
 } from "../component/shared.js";
 export type { ComponentApi } from "../component/_generated/component.js";
+export { vActionResult, vBoardJob, vBoardJobRow, vBoardSnapshot, type BoardJobRow } from "../component/boardShapes.js";
 
 export type RunId = string;
 export type DocView = Infer<typeof vDocView>;
@@ -85,6 +89,31 @@ export type CloneTokenQuery = FunctionReference<
   string | null
 >;
 
+/**
+ * Overflow to Scaleway Serverless Jobs (docs/SCALING.md): when every warm slot is taken, or the
+ * warm worker answers 503, a run of the job definition takes the attempt. Configured when a job
+ * definition id is given (here or in env FONDATION_SCW_JOB_DEFINITION_ID).
+ */
+export interface OverflowOptions {
+  /** Scaleway API base URL. Default: env FONDATION_SCW_API_URL, else https://api.scaleway.com. */
+  apiUrl?: string;
+  /** Region of the job definition. Default: env FONDATION_SCW_REGION, else fr-par. */
+  region?: string;
+  /** Job definition id (`python -m deploy --job-definition` prints it). Default: env FONDATION_SCW_JOB_DEFINITION_ID. */
+  jobDefinitionId?: string;
+  /** Name of the host env var holding the secret key of an IAM key limited to Serverless Jobs
+   * in one project. Default: FONDATION_SCW_JOBS_TOKEN. The key itself is never an option. */
+  tokenEnv?: string;
+  /** Most runs at once (on top of `maxParallel` warm slots). Default: env FONDATION_MAX_RUNS, else 10. */
+  maxRuns?: number;
+  /** How long a started run may take to claim (queueing, image pull). Default: env
+   * FONDATION_RUN_CLAIM_TIMEOUT_MS, else 600 000. */
+  claimTimeoutMs?: number;
+}
+
+export const DEFAULT_MAX_RUNS = 10;
+export const DEFAULT_RUN_CLAIM_TIMEOUT_MS = 600_000;
+
 export interface FondationOptions {
   /** Worker base URL. Default: env FONDATION_WORKER_URL. */
   workerUrl?: string;
@@ -109,6 +138,11 @@ export interface FondationOptions {
   onEvent?: OnEventHandler;
   /** Per-run clone token from the host (see CloneTokenQuery). Without it, no token is handed out. */
   cloneToken?: CloneTokenQuery;
+  /** Overflow to Serverless Jobs runs; without a job definition id: warm only. */
+  overflow?: OverflowOptions;
+  /** Secret shared with the worker's board (its BOARD_SECRET), at least 16 characters; the
+   * operator functions refuse every call without it. Default: env FONDATION_BOARD_SECRET. */
+  boardSecret?: string;
 }
 
 function envString(name: string): string | undefined {
@@ -151,7 +185,26 @@ export class Fondation {
     const webhookSecret = o.webhookSecret ?? envString("FONDATION_WEBHOOK_SECRET");
     if (workerUrl !== undefined) config.workerUrl = workerUrl;
     if (webhookSecret !== undefined) config.webhookSecret = webhookSecret;
+    const overflow = this.overflowConfig();
+    if (overflow !== undefined) config.overflow = overflow;
     return config;
+  }
+
+  /** The overflow settings, read now; undefined when no job definition is configured. */
+  private overflowConfig(): Config["overflow"] {
+    const o = this.options.overflow ?? {};
+    const jobDefinitionId = o.jobDefinitionId ?? envString("FONDATION_SCW_JOB_DEFINITION_ID");
+    if (jobDefinitionId === undefined) return undefined;
+    const overflow: NonNullable<Config["overflow"]> = {
+      apiUrl: o.apiUrl ?? envString("FONDATION_SCW_API_URL") ?? "https://api.scaleway.com",
+      region: o.region ?? envString("FONDATION_SCW_REGION") ?? "fr-par",
+      jobDefinitionId,
+      maxRuns: o.maxRuns ?? envInt("FONDATION_MAX_RUNS", 0) ?? DEFAULT_MAX_RUNS,
+      claimTimeoutMs: o.claimTimeoutMs ?? envInt("FONDATION_RUN_CLAIM_TIMEOUT_MS", 1) ?? DEFAULT_RUN_CLAIM_TIMEOUT_MS,
+    };
+    const token = envString(o.tokenEnv ?? "FONDATION_SCW_JOBS_TOKEN");
+    if (token !== undefined) overflow.token = token;
+    return overflow;
   }
 
   /**
@@ -185,7 +238,7 @@ export class Fondation {
     });
   }
 
-  /** Cancel a run; a worker holding it gets a signed `job.cancel`. */
+  /** Cancel a run; a warm worker holding it gets a signed `job.cancel`, a run is stopped. */
   async cancel(ctx: RunMutationCtx, runId: RunId): Promise<{ ok: boolean; status: string }> {
     return await ctx.runMutation(this.component.lib.cancel, { runId });
   }
@@ -198,6 +251,53 @@ export class Fondation {
   /** The current attempt's docs in reading order, a page at a time. */
   async listDocs(ctx: RunQueryCtx, runId: RunId, paginationOpts: PaginationOptions): Promise<PaginationResult<DocView>> {
     return await ctx.runQuery(this.component.lib.listDocs, { runId, paginationOpts });
+  }
+
+  /**
+   * The operator's board functions (docs/BOARD.md). Export them from `convex/fondation.ts` so
+   * their paths are `fondation:boardSnapshot`, `fondation:boardJob`, `fondation:retry`,
+   * `fondation:cancelJob` and `fondation:setPriority`. Public on purpose (the worker has no
+   * deploy key): each call carries `boardSecret`, which the component compares in constant time
+   * with this client's `boardSecret` (read at call time) and refuses with
+   * `ConvexError({code: "forbidden"})` when it differs or none is configured.
+   */
+  operatorApi() {
+    const component = this.component;
+    const configured = () => this.options.boardSecret ?? envString("FONDATION_BOARD_SECRET");
+    const secret = { boardSecret: v.string() };
+    const jobArgs = { ...secret, jobId: v.string() };
+    return {
+      boardSnapshot: queryGeneric({
+        args: { ...secret, page: v.number(), pageSize: v.number() },
+        returns: vBoardSnapshot,
+        handler: async (ctx, args) =>
+          await ctx.runQuery(component.operator.boardSnapshot, { ...args, configuredSecret: configured() }),
+      }),
+      boardJob: queryGeneric({
+        args: jobArgs,
+        returns: v.union(v.null(), vBoardJob),
+        handler: async (ctx, args) =>
+          await ctx.runQuery(component.operator.boardJob, { ...args, configuredSecret: configured() }),
+      }),
+      retry: mutationGeneric({
+        args: jobArgs,
+        returns: vActionResult,
+        handler: async (ctx, args) =>
+          await ctx.runMutation(component.operator.retry, { ...args, configuredSecret: configured() }),
+      }),
+      cancelJob: mutationGeneric({
+        args: jobArgs,
+        returns: vActionResult,
+        handler: async (ctx, args) =>
+          await ctx.runMutation(component.operator.cancelJob, { ...args, configuredSecret: configured() }),
+      }),
+      setPriority: mutationGeneric({
+        args: { ...jobArgs, priority: v.number() },
+        returns: vActionResult,
+        handler: async (ctx, args) =>
+          await ctx.runMutation(component.operator.setPriority, { ...args, configuredSecret: configured() }),
+      }),
+    };
   }
 
   /**

@@ -27,6 +27,16 @@ export async function ensureConfig(ctx: MutationCtx, config: Config): Promise<Co
 
 function sameConfig(a: Config, b: Config): boolean {
   const keys = new Set([...Object.keys(a), ...Object.keys(b)]) as Set<keyof Config>;
-  for (const k of keys) if (a[k] !== b[k]) return false;
+  for (const k of keys) if (k === "overflow" ? !sameFlat(a[k], b[k]) : a[k] !== b[k]) return false;
+  return true;
+}
+
+/** Equality of two flat objects (or both undefined), whatever their key order. */
+function sameFlat(a: object | undefined, b: object | undefined): boolean {
+  if (a === undefined || b === undefined) return a === b;
+  const x = a as Record<string, unknown>;
+  const y = b as Record<string, unknown>;
+  const keys = new Set([...Object.keys(x), ...Object.keys(y)]);
+  for (const k of keys) if (x[k] !== y[k]) return false;
   return true;
 }

@@ -14,10 +14,11 @@ import {
   enqueueRun,
   finishRun,
   leaseOf,
+  overflowOf,
   parseRetryAfter,
   retryOrFinish,
 } from "./model.js";
-import { DEFAULT_CONFIG, vDeliveryOutcome, vRunOptions, type DeliveryOutcome } from "./shared.js";
+import { DEFAULT_CONFIG, vDeliveryOutcome, vRunOptions, vRunner, type DeliveryOutcome } from "./shared.js";
 import { deriveToken, hashToken, randomToken, sign } from "./signing.js";
 
 /** Where and how to send: what the action needs from `globals`. */
@@ -175,12 +176,21 @@ export const deliver = internalAction({
  * hash, and return the message. The token is derived, never stored.
  */
 export const prepare = internalMutation({
-  args: { runId: v.id("runs"), attempt: v.number(), freshKey: v.string(), freshNonce: v.string() },
+  args: {
+    runId: v.id("runs"),
+    attempt: v.number(),
+    freshKey: v.string(),
+    freshNonce: v.string(),
+    /** Who sends: the webhook to the warm worker (default) or a run's start. */
+    runner: v.optional(vRunner),
+  },
   returns: v.union(v.null(), vStartMessage),
-  handler: async (ctx, { runId, attempt, freshKey, freshNonce }) => {
+  handler: async (ctx, { runId, attempt, freshKey, freshNonce, runner }) => {
     const run = await ctx.db.get(runId);
     const lease = await leaseOf(ctx, runId);
     if (run === null || lease === null || run.status !== "dispatched" || run.attempt !== attempt) return null;
+    // The loop gave the attempt to the other runner meanwhile: this sender has nothing to do.
+    if ((lease.runner ?? "warm") !== (runner ?? "warm")) return null;
     let key = (await ctx.db.query("tokenKeys").first())?.key;
     if (key === undefined) {
       key = freshKey;
@@ -236,16 +246,21 @@ export const recordOutcome = internalMutation({
       case "misconfigured": {
         // Not the run's fault: same attempt later, no attempt consumed.
         const delay = outcome.kind === "busy" ? outcome.retryAfterMs : MISCONFIGURED_RETRY_MS;
-        const message =
-          outcome.kind === "busy"
+        // With overflow, a full warm worker sends the attempt to a run at once (the loop
+        // decides, by `maxRuns`), and keeps it from the warm worker until its Retry-After.
+        const overflow = outcome.kind === "busy" && overflowOf(config) !== null;
+        const message = overflow
+          ? `worker busy (${outcome.status}); overflowing to a Serverless Jobs run`
+          : outcome.kind === "busy"
             ? `worker busy (${outcome.status}); retrying in ${Math.round(delay / 1000)} s`
             : `${outcome.detail}; retrying in ${Math.round(delay / 1000)} s`;
         await ctx.db.patch(runId, { status: "pending", dispatchedAt: undefined, message, updatedAt: now });
         // The token stays: the re-send carries the same one.
-        await ctx.db.patch(lease._id, { leaseUntil: undefined });
+        await ctx.db.patch(lease._id, { leaseUntil: undefined, runner: undefined });
         const next = (await ctx.db.get(runId))!;
         await emit(ctx, next, { kind: "status", status: "pending", message });
-        await enqueueRun(ctx, next, now + delay);
+        if (overflow) await enqueueRun(ctx, next, now, now + delay);
+        else await enqueueRun(ctx, next, now + delay);
         return null;
       }
       case "rejected": {

@@ -5,9 +5,12 @@
 import type { FunctionHandle } from "convex/server";
 import type { Doc } from "./_generated/dataModel.js";
 import type { MutationCtx } from "./_generated/server.js";
+import { noteChange } from "./board.js";
 import type { FondationChange, FondationEvent } from "./shared.js";
 
 export async function emit(ctx: MutationCtx, run: Doc<"runs">, change: FondationChange): Promise<void> {
+  // Every change the host is told of is one the operator's board shows.
+  await noteChange(ctx, run._id, change);
   if (run.onEvent === undefined) return;
   const event: FondationEvent = {
     runId: run._id,

@@ -5,7 +5,8 @@
  */
 import { paginationOptsValidator, paginationResultValidator } from "convex/server";
 import { v } from "convex/values";
-import { mutation, query } from "./_generated/server.js";
+import { mutation, query, type MutationCtx } from "./_generated/server.js";
+import { noteChange } from "./board.js";
 import { ensureConfig } from "./config.js";
 import { emit } from "./events.js";
 import {
@@ -13,7 +14,7 @@ import {
   finishRun,
   leaseOf,
   runView,
-  scheduleCancelWebhook,
+  stopHolder,
   validateEnqueue,
 } from "./model.js";
 import { isActive, isFinal, vConfig, vDocView, vRunOptions, vRunView } from "./shared.js";
@@ -53,29 +54,35 @@ export const enqueue = mutation({
       updatedAt: now,
     });
     await ctx.db.insert("leases", { runId, attempt: 1, sends: 0, lastSeq: 0, logSeq: 0 });
+    await noteChange(ctx, runId, { kind: "enqueued" });
     await enqueueRun(ctx, (await ctx.db.get(runId))!, now);
     return runId;
   },
 });
 
-/** Cancel a run. If a worker may hold it, a signed `job.cancel` webhook is sent. */
+/** Cancel a run. If a worker may hold it, it is told: a signed `job.cancel` webhook to the warm
+ * worker, or a stop of the Serverless Jobs run. */
 export const cancel = mutation({
   args: { runId: v.string() },
   returns: v.object({ ok: v.boolean(), status: v.string() }),
-  handler: async (ctx, args) => {
-    const id = ctx.db.normalizeId("runs", args.runId);
-    const run = id === null ? null : await ctx.db.get(id);
-    if (run === null) return { ok: false, status: "not_found" };
-    if (run.status === "canceled") return { ok: true, status: "canceled" };
-    if (isFinal(run.status)) return { ok: false, status: run.status };
-    const lease = await leaseOf(ctx, run._id);
-    // Only an attempt whose webhook may have gone out has a worker to tell.
-    const tellWorker = isActive(run.status) && lease?.tokenHash !== undefined;
-    await finishRun(ctx, run, lease, "canceled", undefined, "canceled");
-    if (tellWorker) await scheduleCancelWebhook(ctx, run._id, run.attempt);
-    return { ok: true, status: "canceled" };
-  },
+  handler: async (ctx, args) => await cancelRun(ctx, args.runId),
 });
+
+/** `cancel`'s rule, shared with the operator's `cancelJob`. */
+export async function cancelRun(ctx: MutationCtx, runId: string): Promise<{ ok: boolean; status: string }> {
+  const id = ctx.db.normalizeId("runs", runId);
+  const run = id === null ? null : await ctx.db.get(id);
+  if (run === null) return { ok: false, status: "not_found" };
+  if (run.status === "canceled") return { ok: true, status: "canceled" };
+  if (isFinal(run.status)) return { ok: false, status: run.status };
+  const lease = await leaseOf(ctx, run._id);
+  // Only an attempt whose webhook may have gone out has a worker to tell.
+  const tellWorker = isActive(run.status) && lease?.tokenHash !== undefined;
+  await finishRun(ctx, run, lease, "canceled", undefined, "canceled");
+  // A run is stopped through the Jobs API (and its next callback is refused as canceled).
+  if (tellWorker && lease !== null) await stopHolder(ctx, run, lease);
+  return { ok: true, status: "canceled" };
+}
 
 /** The run as the host may show it (never a token); null when unknown. */
 export const status = query({

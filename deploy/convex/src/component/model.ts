@@ -8,7 +8,15 @@ import type { Doc, Id } from "./_generated/dataModel.js";
 import type { MutationCtx, QueryCtx } from "./_generated/server.js";
 import { emit } from "./events.js";
 import { kick } from "./kick.js";
-import type { Config, DocKind, EnqueueErrorCode, RunError, RunOptions, RunView } from "./shared.js";
+import type {
+  Config,
+  DocKind,
+  EnqueueErrorCode,
+  OverflowConfig,
+  RunError,
+  RunOptions,
+  RunView,
+} from "./shared.js";
 
 export type Run = Doc<"runs">;
 export type Lease = Doc<"leases">;
@@ -144,15 +152,39 @@ export async function leaseOf(ctx: QueryCtx, runId: Id<"runs">): Promise<Lease |
     .unique();
 }
 
-/** Put a pending run in the queue; the loop dispatches it once `readyAt` has passed. */
-export async function enqueueRun(ctx: MutationCtx, run: Run, readyAt: number): Promise<void> {
+/** Put a pending run in the queue; the loop dispatches it once `readyAt` has passed (and, to
+ * the warm worker, not before `warmBusyUntil`). */
+export async function enqueueRun(ctx: MutationCtx, run: Run, readyAt: number, warmBusyUntil?: number): Promise<void> {
   await ctx.db.insert("queue", {
     runId: run._id,
     queueRank: queueRank(run.priority),
     enqueuedAt: run.createdAt,
     readyAt,
+    ...(warmBusyUntil === undefined ? {} : { warmBusyUntil }),
   });
   await kick(ctx, readyAt);
+}
+
+/** Overflow settings when runs may be started, else null. */
+export function overflowOf(config: Config): OverflowConfig | null {
+  const o = config.overflow;
+  return o !== undefined && o.maxRuns > 0 && o.jobDefinitionId !== "" ? o : null;
+}
+
+/** Stop the Serverless Jobs run holding an attempt (best effort, retried a few times). */
+export async function scheduleStopRun(ctx: MutationCtx, jobRunId: string): Promise<void> {
+  await ctx.scheduler.runAfter(0, internal.overflow.stopRun, { jobRunId, tries: 0 });
+}
+
+/** Tell whoever holds `lease`'s attempt to stop: a run is stopped through the Jobs API, the
+ * warm worker gets a signed `job.cancel`. */
+export async function stopHolder(ctx: MutationCtx, run: Run, lease: Lease): Promise<void> {
+  if (lease.runner === "run") {
+    // Not yet known while the start is in flight: `overflow.recordStart` stops it then.
+    if (lease.jobRunId !== undefined) await scheduleStopRun(ctx, lease.jobRunId);
+    return;
+  }
+  await scheduleCancelWebhook(ctx, run._id, run.attempt);
 }
 
 /** Ask the worker holding `attempt` to stop (best effort, signed `job.cancel`). */
@@ -187,10 +219,11 @@ export async function finishRun(
     message,
     finishedAt: now,
     updatedAt: now,
-    // No attempt follows: the checkpoint's files go, in the background.
-    checkpoint: undefined,
+    // A failed or dead run keeps its checkpoint: the operator's retry (`operator.retry`)
+    // resumes from it. A canceled one is never retried: its files go, in the background.
+    ...(status === "canceled" ? { checkpoint: undefined } : {}),
   });
-  if (run.checkpoint !== undefined) {
+  if (status === "canceled" && run.checkpoint !== undefined) {
     await ctx.scheduler.runAfter(0, internal.docs.dropCheckpoint, { runId: run._id });
   }
   if (lease !== null && lease.leaseUntil !== undefined) await ctx.db.patch(lease._id, { leaseUntil: undefined });
@@ -241,6 +274,8 @@ export async function retryOrFinish(
     sends: 0,
     leaseUntil: undefined,
     lastSeq: 0,
+    runner: undefined,
+    jobRunId: undefined,
   });
   const next = (await ctx.db.get(run._id))!;
   await emit(ctx, next, { kind: "status", status: "pending", message, lastError: error });

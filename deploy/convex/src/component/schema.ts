@@ -5,7 +5,7 @@
  */
 import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
-import { vConfig, vDocKind, vRunError, vRunOptions, vRunStatus } from "./shared.js";
+import { vConfig, vDocKind, vRunError, vRunOptions, vRunStatus, vRunner } from "./shared.js";
 
 export default defineSchema({
   /**
@@ -50,7 +50,12 @@ export default defineSchema({
     createdAt: v.number(),
     updatedAt: v.number(),
     finishedAt: v.optional(v.number()),
-  }).index("by_status", ["status"]),
+    /** The status counted in `boardState.counts` (set by `board.noteChange`). */
+    boardStatus: v.optional(vRunStatus),
+  })
+    .index("by_status", ["status"])
+    /** The board's "recent" list: finished runs, newest first (unset sorts first, skipped). */
+    .index("by_finished", ["finishedAt"]),
 
   /**
    * The current attempt's secrets and deadline, one row per run, kept apart from `runs` so a
@@ -78,6 +83,11 @@ export default defineSchema({
     lastSeq: v.number(),
     /** Sequence of the log lines handed to the host (across attempts). */
     logSeq: v.number(),
+    /** Who holds this attempt, set when the loop dispatches it: the warm worker, or a
+     * Serverless Jobs run (overflow). Kept after the attempt ends, as its record. */
+    runner: v.optional(vRunner),
+    /** The Serverless Jobs run's id once `start` answered (runner "run"). */
+    jobRunId: v.optional(v.string()),
     /** The attempt before this one, so a repeated final report from it is acknowledged. */
     previous: v.optional(
       v.object({ attempt: v.number(), tokenHash: v.optional(v.string()), outcome: v.string() }),
@@ -97,7 +107,12 @@ export default defineSchema({
     enqueuedAt: v.number(),
     /** Not dispatched before this time (backoff, Retry-After). */
     readyAt: v.number(),
-  }).index("by_rank", ["queueRank", "enqueuedAt"]),
+    /** Not sent to the warm worker before this time (it answered 503); a run may take it. */
+    warmBusyUntil: v.optional(v.number()),
+  })
+    .index("by_rank", ["queueRank", "enqueuedAt"])
+    /** For `operator.setPriority`, which re-ranks a pending run's entry. */
+    .index("by_run", ["runId"]),
 
   /**
    * Generated files, per attempt; only the completed attempt's are kept (older attempts' are
@@ -144,6 +159,46 @@ export default defineSchema({
   /** Settings passed by the host's client, one row. Writer: `lib.enqueue` (when they change).
    * Readers: everything that needs a setting. */
   globals: defineTable(vConfig),
+
+  /**
+   * What the operator's board reads instead of scanning `runs`: a version bumped by every
+   * change the host is told of, and the number of runs per status, summed over `board.SHARDS`
+   * rows (one written per change, so concurrent producers seldom conflict).
+   * Writer: `board.noteChange` (from `emit`, `lib.enqueue`, the operator's mutations).
+   * Readers: `operator.boardSnapshot`, `operator.boardJob`.
+   */
+  boardState: defineTable({
+    shard: v.number(),
+    version: v.number(),
+    /** Per status, this shard's share (may be negative; the sum over shards is the count). */
+    counts: v.record(v.string(), v.number()),
+  }).index("by_shard", ["shard"]),
+
+  /**
+   * The board's trail of each run: one row per status or step change, per attempt, so the job
+   * page can show attempts and a step timeline. Writer: `board.noteChange`.
+   * Reader: `operator.boardJob` (bounded).
+   */
+  boardSteps: defineTable({
+    runId: v.id("runs"),
+    attempt: v.number(),
+    at: v.number(),
+    status: vRunStatus,
+    step: v.number(),
+    totalSteps: v.number(),
+    message: v.string(),
+    error: v.optional(vRunError),
+  }).index("by_run_at", ["runId", "at"]),
+
+  /**
+   * The last log lines of each run (at most `board.LOG_TAIL`). Writer: `board.noteChange`
+   * (a progress call's lines, older ones trimmed). Reader: `operator.boardJob`.
+   */
+  boardLogs: defineTable({
+    runId: v.id("runs"),
+    seq: v.number(),
+    line: v.string(),
+  }).index("by_run_seq", ["runId", "seq"]),
 
   /**
    * State of the one loop that reads `queue` (as Workpool's `runStatus`). Writers: `kick`

@@ -141,6 +141,27 @@ export const callbackAuth = {
 export const vRefusal = v.object({ ok: v.literal(false), reason: v.string() });
 export type Refusal = Infer<typeof vRefusal>;
 
+/** Which runner holds an attempt: the warm worker (webhook) or a Serverless Jobs run. */
+export const vRunner = v.union(v.literal("warm"), v.literal("run"));
+export type Runner = Infer<typeof vRunner>;
+
+/** Overflow to Scaleway Serverless Jobs (docs/SCALING.md): where to start runs, and how many. */
+export const vOverflowConfig = v.object({
+  /** Scaleway API base URL, e.g. https://api.scaleway.com. */
+  apiUrl: v.string(),
+  /** Region of the job definition, e.g. fr-par. */
+  region: v.string(),
+  /** The job definition made by `python -m deploy --job-definition` (its id). */
+  jobDefinitionId: v.string(),
+  /** Secret key of an IAM key limited to Serverless Jobs (`X-Auth-Token`), from the host's env. */
+  token: v.optional(v.string()),
+  /** Most attempts held by runs at once (on top of `maxParallel` warm slots). */
+  maxRuns: v.number(),
+  /** How long a started run may take to claim (Scaleway queueing and image pull included). */
+  claimTimeoutMs: v.number(),
+});
+export type OverflowConfig = Infer<typeof vOverflowConfig>;
+
 /** Settings the host passes with its calls (the client reads them from its options and the
  * host's environment: a component cannot read the host's environment). Stored in `globals`. */
 export const vConfig = v.object({
@@ -163,6 +184,8 @@ export const vConfig = v.object({
   maxAttempts: v.number(),
   /** How often the loop checks leases while runs are active. */
   sweepIntervalMs: v.number(),
+  /** Overflow to Serverless Jobs runs; unset: warm only. */
+  overflow: v.optional(vOverflowConfig),
 });
 export type Config = Infer<typeof vConfig>;
 

@@ -6,6 +6,8 @@ import type * as dispatch from "../dispatch.js";
 import type * as docs from "../docs.js";
 import type * as lib from "../lib.js";
 import type * as loop from "../loop.js";
+import type * as operator from "../operator.js";
+import type * as overflow from "../overflow.js";
 import type * as worker from "../worker.js";
 
 type FullApi = ApiFromModules<{
@@ -13,6 +15,8 @@ type FullApi = ApiFromModules<{
   docs: typeof docs;
   lib: typeof lib;
   loop: typeof loop;
+  operator: typeof operator;
+  overflow: typeof overflow;
   worker: typeof worker;
 }>;
 
