@@ -36,46 +36,47 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
-# Private helpers of app.collect, reused so capture and restore apply its exact rules.
-# TODO(collect owner): make these public (Reader, CHAPTER_NAME, TUTORIAL_NAME, parse_order).
-from app.collect import _CHAPTER, _TUTORIAL, YAML_FILES, _parse_order, _Reader, normalize_name
-from app.domain import JobOptions
+# app.collect's reader and name rules: capture and restore apply its exact checks.
+from app.collect import (
+    CHAPTER_NAME,
+    TUTORIAL_NAME,
+    YAML_FILES,
+    Reader,
+    normalize_name,
+    parse_order,
+)
+from app.domain import Checkpoint, CheckpointFile, JobOptions
 from app.errors import CheckpointError, JobFailure
 from app.progress import STEP_NAMES, StepPlan
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointFile",
+    "OutputTracker",
+    "PartialUpload",
+    "ResumePlan",
+    "check_path",
+    "checkpoint_from_mapping",
+    "completed_steps",
+    "plan_resume",
+    "promised_floor",
+    "restore",
+]
 
 MAX_FILES = 1000
 """A course has a few dozen files; more in a checkpoint is not one we wrote."""
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 _DIRS: dict[str, re.Pattern[str]] = {
-    "chapters": _CHAPTER,
-    "reviewed-chapters": _CHAPTER,
-    "tutorials": _TUTORIAL,
+    "chapters": CHAPTER_NAME,
+    "reviewed-chapters": CHAPTER_NAME,
+    "tutorials": TUTORIAL_NAME,
 }
 _YAML_OF_STEP = {name: file for name, (file, _) in zip(STEP_NAMES, YAML_FILES, strict=False)}
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointFile:
-    """One output file: its path relative to the output directory (``/``-separated)."""
-
-    path: str
-    data: bytes = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """The files of a job's furthest attempt, and the commit that attempt analyzed."""
-
-    commit: str
-    files: tuple[CheckpointFile, ...]
-    ended: tuple[str, ...] = ()
-    """Steps that attempt saw end (the next one started, or the CLI exited 0) AND whose files
-    it then uploaded in full (`OutputTracker.step_ended`): complete whatever the files say."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +218,7 @@ def restore(plan: ResumePlan, output_dir: Path, *, max_doc_bytes: int) -> None:
         raise CheckpointError(f"cannot list the output directory ({exc.strerror})") from None
     try:
         made: set[str] = set()
-        reader = _Reader(root, max_doc_bytes)
+        reader = Reader(root, max_doc_bytes)
         for f in plan.files:
             head, _ = check_path(f.path)
             if head and head not in made:
@@ -271,6 +272,11 @@ class OutputTracker:
         """Every layout file new or changed since the last upload: the step wrote them all."""
         return PartialUpload(step, tuple(self._take(self._list())))
 
+    def changed(self) -> PartialUpload:
+        """Every layout file new or changed since the last upload, with no step ended: what a
+        stopped or failed CLI left."""
+        return PartialUpload(None, tuple(self._take(self._list())))
+
     def settled(self, now_s: float) -> PartialUpload:
         """Within a step: new or changed files whose size and mtime have not moved for
         `settle_s` (a chapter the CLI finished writing), so a long step shows its chapters."""
@@ -288,9 +294,15 @@ class OutputTracker:
                 ready.append((rel, path))
         return PartialUpload(None, tuple(self._take(ready)))
 
+    def forget(self, files: Iterable[CheckpointFile]) -> None:
+        """`files` were not uploaded after all (the call failed): hand them out again."""
+        for f in files:
+            if self._sent.get(f.path) == _digest(f.data):
+                del self._sent[f.path]
+
     def _list(self) -> list[tuple[str, Path]]:
         """(relative path, path) of every layout file; a linked-away directory is refused."""
-        reader = _Reader(self.root, self.max_doc_bytes)
+        reader = Reader(self.root, self.max_doc_bytes)
         found = [
             (name, self.root / name) for name, _ in YAML_FILES if os.path.lexists(self.root / name)
         ]
@@ -308,7 +320,7 @@ class OutputTracker:
         return found
 
     def _take(self, listed: Iterable[tuple[str, Path]]) -> list[CheckpointFile]:
-        reader = _Reader(self.root, self.max_doc_bytes)
+        reader = Reader(self.root, self.max_doc_bytes)
         out: list[CheckpointFile] = []
         for rel, path in listed:
             try:
@@ -348,7 +360,7 @@ def _digest(data: bytes) -> str:
 def _chapter_keys(names: Iterable[str]) -> set[tuple[int, str]]:
     keys: set[tuple[int, str]] = set()
     for name in names:
-        match = _CHAPTER.match(name)
+        match = CHAPTER_NAME.match(name)
         if match is not None:
             keys.add((int(match[1]), normalize_name(match[2] or "")))
     return keys
@@ -361,7 +373,7 @@ def _expected_chapters(order_yaml: bytes | None) -> list[tuple[str | None, int |
         parsed = yaml.safe_load(order_yaml.decode("utf-8", errors="replace"))
     except yaml.YAMLError:
         return []
-    return _parse_order(parsed) or []
+    return parse_order(parsed) or []
 
 
 def _all_covered(
@@ -412,3 +424,18 @@ def checkpoint_from_mapping(
 ) -> Checkpoint:
     """A `Checkpoint` from name -> bytes (as a claim's answer may carry it)."""
     return Checkpoint(commit, tuple(CheckpointFile(p, d) for p, d in files.items()), tuple(ended))
+
+
+def promised_floor(checkpoint: Checkpoint, *, job_steps: Sequence[str], max_doc_bytes: int) -> int:
+    """The global step an attempt resuming from `checkpoint` starts at, if the clone turns out
+    to be its commit (0 when the checkpoint is unusable anyway): what to report until then."""
+    try:
+        plan = plan_resume(
+            checkpoint,
+            clone_commit=checkpoint.commit,
+            job_steps=job_steps,
+            max_doc_bytes=max_doc_bytes,
+        )
+    except CheckpointError:
+        return 0
+    return plan.step_plan().floor

@@ -84,8 +84,10 @@ YAML_FILES: tuple[tuple[str, str], ...] = (
     ("step3_order.yaml", "Chapter order"),
 )
 ORDER_FILE = "step3_order.yaml"
-_CHAPTER = re.compile(r"^(?:reviewed_)?chapter_(\d{1,9})(?:_(.*))?\.md$", re.IGNORECASE)
-_TUTORIAL = re.compile(r"^tutorial_(\d{1,9})(?:_(.*))?\.md$", re.IGNORECASE)
+CHAPTER_NAME = re.compile(r"^(?:reviewed_)?chapter_(\d{1,9})(?:_(.*))?\.md$", re.IGNORECASE)
+TUTORIAL_NAME = re.compile(r"^tutorial_(\d{1,9})(?:_(.*))?\.md$", re.IGNORECASE)
+"""File names accepted in ``chapters/``, ``reviewed-chapters/`` (`CHAPTER_NAME`) and
+``tutorials/`` (`TUTORIAL_NAME`): group 1 is the idx, group 2 the name."""
 _MAX_ORDER_BYTES = 1_000_000
 MAX_DOCS = 1000
 """A course has a few yaml files and tens of chapters; thousands of files are not a course."""
@@ -120,7 +122,11 @@ class _File:
     norm: str  # normalize_name(stem_name), computed once
 
 
-class _Reader:
+class Reader:
+    """Reads files of one output directory under the checks of the module doc (inside the
+    directory, regular, one link, within a size limit; opened without following links).
+    Also used by `app.checkpoint` to capture and restore output files under the same rules."""
+
     def __init__(self, root: Path, max_doc_bytes: int) -> None:
         self.root = root
         self.max_doc_bytes = max_doc_bytes
@@ -232,8 +238,9 @@ def _readable(kind: str, f: _File) -> str:
     return f"{kind} {f.idx}: {name}" if name else f"{kind} {f.idx}"
 
 
-def _parse_order(data: Any) -> list[tuple[str | None, int | None]] | None:
-    """Order entries as (normalized name, idx) in reading order, or None if not understood."""
+def parse_order(data: Any) -> list[tuple[str | None, int | None]] | None:
+    """Order entries of a parsed ``step3_order.yaml`` as (normalized name, idx) in reading
+    order, or None if not understood."""
     items = data.get("order") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         return None
@@ -303,12 +310,12 @@ def read_order(
     path = root / ORDER_FILE
     if not os.path.lexists(path):
         return None
-    data = _Reader(root, max_bytes).read_bytes(path, ORDER_FILE, max_bytes)
+    data = Reader(root, max_bytes).read_bytes(path, ORDER_FILE, max_bytes)
     try:
         parsed = yaml.safe_load(data.decode("utf-8", errors="replace"))
     except yaml.YAMLError:
         return None
-    return _parse_order(parsed)
+    return parse_order(parsed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +342,7 @@ def plan_docs(
     if not output_dir.is_dir():
         raise _fail(f"output directory {output_dir.name!r} does not exist")
     root = output_dir.resolve()
-    reader = _Reader(root, max_doc_bytes)
+    reader = Reader(root, max_doc_bytes)
     used: set[str] = set()
     planned: list[PlannedDoc] = []
     total = 0
@@ -364,9 +371,9 @@ def plan_docs(
         if os.path.lexists(path):
             add(path, file_name, slugify(file_name), DocKind.YAML, None, title)
 
-    drafts = reader.list_dir("chapters", _CHAPTER, max_docs)
+    drafts = reader.list_dir("chapters", CHAPTER_NAME, max_docs)
     reviewed = {
-        (f.idx, f.norm): f for f in reader.list_dir("reviewed-chapters", _CHAPTER, max_docs)
+        (f.idx, f.norm): f for f in reader.list_dir("reviewed-chapters", CHAPTER_NAME, max_docs)
     }
     chapters: list[_File] = []
     for draft in drafts:
@@ -384,7 +391,7 @@ def plan_docs(
         label = f"{f.path.parent.name}/{f.name}"
         add(f.path, label, slug, DocKind.CHAPTER, position, _readable("Chapter", f))
 
-    tutorials = reader.list_dir("tutorials", _TUTORIAL, max_docs)
+    tutorials = reader.list_dir("tutorials", TUTORIAL_NAME, max_docs)
     tutorials.sort(key=lambda f: (f.idx, f.name))
     for position, f in enumerate(tutorials, start=1):
         label = f"tutorials/{f.name}"
@@ -399,11 +406,39 @@ def _keep(text: str) -> str:
     return text
 
 
+def partial_doc(path: str, data: bytes, *, scrub: Callable[[str], str] = _keep) -> Doc:
+    """A partial doc (`Doc.path` set) from one file of the layout, read while the CLI runs.
+
+    Slug, kind and title follow the rules of the module doc; ``chapter_index`` is the file's
+    idx (the reading order is only final once the run is collected). `path` must be a layout
+    path (`app.checkpoint.check_path`); a name outside the layout raises `ValueError`."""
+    head, _, name = path.rpartition("/")
+    content = scrub(data.decode("utf-8", errors="replace"))
+    if not head:
+        title = dict(YAML_FILES).get(name)
+        if title is None:
+            raise ValueError(f"not a layout file: {path!r}")
+        return Doc(slugify(name), title, DocKind.YAML, None, content, path)
+    pattern, kind, label = (
+        (TUTORIAL_NAME, DocKind.TUTORIAL, "Tutorial")
+        if head == "tutorials"
+        else (CHAPTER_NAME, DocKind.CHAPTER, "Chapter")
+    )
+    match = pattern.match(name)
+    if match is None or head not in ("chapters", "reviewed-chapters", "tutorials"):
+        raise ValueError(f"not a layout file: {path!r}")
+    stem = match[2] or ""
+    file = _File(Path(path), name, int(match[1]), stem, normalize_name(stem))
+    slug = slugify(re.sub(r"^reviewed_", "", name, flags=re.IGNORECASE))
+    title = scrub(_title(content, _readable(label, file)))
+    return Doc(slug, title, kind, file.idx, content, path)
+
+
 def read_doc(
     planned: PlannedDoc, *, max_doc_bytes: int, scrub: Callable[[str], str] = _keep
 ) -> Doc:
     """Read one planned doc (checked again: the file may have changed since it was planned)."""
-    reader = _Reader(planned.path.parent, max_doc_bytes)
+    reader = Reader(planned.path.parent, max_doc_bytes)
     content = scrub(reader.read_text(planned.path, planned.label))
     title = planned.title
     if planned.kind is not DocKind.YAML:

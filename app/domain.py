@@ -105,6 +105,8 @@ class Progress:
     total_steps: int
     message: str
     logs: tuple[str, ...] = ()
+    commit: str | None = None
+    """The commit SHA the attempt cloned, once known: the job records what it was made from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +118,52 @@ class Doc:
     kind: DocKind
     chapter_index: int | None
     content: str
+    path: str | None = None
+    """Partial docs only: the file's path in the output directory (``chapters/chapter_1_x.md``),
+    the key of the job's checkpoint. Final docs are keyed by `slug`."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "slug": self.slug,
             "title": self.title,
             "kind": str(self.kind),
             "chapterIndex": self.chapter_index,
             "content": self.content,
         }
+        if self.path is not None:
+            out["path"] = self.path
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class PartialDocs:
+    """Marks a `putDocs` batch as partial docs: files a running attempt's CLI wrote so far (each
+    with its `Doc.path`), shown while the job runs and kept as the job's checkpoint."""
+
+    commit: str
+    """The commit the attempt cloned: a checkpoint holds the files of one commit."""
+    ended: str | None = None
+    """The step this batch completes (its last batch): the store adds it to the checkpoint's
+    ended steps only once the batch is stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointFile:
+    """One output file: its path relative to the output directory (``/``-separated)."""
+
+    path: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The files of a job's furthest attempt, and the commit that attempt analyzed."""
+
+    commit: str
+    files: tuple[CheckpointFile, ...]
+    ended: tuple[str, ...] = ()
+    """Steps that attempt saw end (the next one started, or the CLI exited 0) AND whose files
+    it then uploaded in full (`OutputTracker.step_ended`): complete whatever the files say."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +178,8 @@ class ClaimResult:
     ok: bool
     reason: str | None = None
     clone_token: str | None = field(default=None, repr=False)
+    checkpoint: Checkpoint | None = None
+    """What earlier attempts of the job left (`app.checkpoint` decides whether it is usable)."""
 
 
 @dataclass(frozen=True, slots=True)

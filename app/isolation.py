@@ -228,6 +228,11 @@ class CliSandbox:
         for path in (out_dir, home, tmp):
             os.chown(path, uid, gid)
             path.chmod(0o700)
+        # A resumed attempt's restored checkpoint (written by the worker, checked, no links):
+        # the CLI reads those files and writes next to them.
+        for dirpath, dirnames, filenames in os.walk(out_dir):
+            for name in (*dirnames, *filenames):
+                os.lchown(os.path.join(dirpath, name), uid, gid)
         workspace.chmod(0o711)
         _readable_tree(repo_dir)
         return {**env, "HOME": str(home), "TMPDIR": str(tmp)}

@@ -1,7 +1,8 @@
 """Running accepted jobs: slots, the lifecycle of each attempt, cancel and drain.
 
-An attempt: claim → the pipeline's phases (`app.pipeline`: clone → run the CLI → collect →
-upload) → complete, or `fail` with a contract code; then its workspace is removed. Nothing
+An attempt: claim (with the job's checkpoint, if any) → the pipeline's phases
+(`app.pipeline`: clone → restore the checkpoint → run the CLI → collect → upload) → complete,
+or `fail` with a contract code; then its workspace is removed. Nothing
 here knows about HTTP; the routes call `JobManager` and the reporter talks to Convex or the
 embedded store.
 """
@@ -172,7 +173,9 @@ class JobManager:
             clone_token = claim.clone_token
             self._redactor.add(clone_token)
             log.info("job claimed", extra=ctx)
-            result = await run_attempt(self.deps, run, workspace, clone_token)
+            result = await run_attempt(
+                self.deps, run, workspace, clone_token, checkpoint=claim.checkpoint
+            )
             status = "completed"
             if result is not None:
                 code = str(result.code)

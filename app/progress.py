@@ -210,6 +210,7 @@ class ProgressTracker:
         self._status = JobStatus.CLAIMED
         self._plan = plan
         self._step, self._total = plan.start if plan is not None else (0, 0)
+        self._commit: str | None = None
         self._message = ""
         self._last_emit_s: float | None = None
         self._held = False  # a step change not reported yet
@@ -218,6 +219,20 @@ class ProgressTracker:
         self._tokens_at_s: float | None = None
         self.dropped_lines = 0
         """Log lines that fell out of the ring before they could be reported."""
+
+    @property
+    def plan(self) -> StepPlan | None:
+        return self._plan
+
+    def replan(self, plan: StepPlan) -> None:
+        """Number the steps by `plan` from now on (the attempt learned which steps it runs);
+        the current step becomes the plan's start until the CLI says otherwise."""
+        self._plan = plan
+        self._step, self._total = plan.start
+
+    def set_commit(self, commit: str) -> None:
+        """Every report from now on carries the commit the attempt cloned."""
+        self._commit = commit
 
     @property
     def seq(self) -> int:
@@ -336,4 +351,5 @@ class ProgressTracker:
             total_steps=self._total,
             message=self._message,
             logs=logs,
+            commit=self._commit,
         )

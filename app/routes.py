@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from app.adapters.sqlite_store import Delivery, JobView, SqliteJobStore
 from app.clock import Clock
 from app.config import Settings
-from app.domain import CancelRequest, JobSpec, JobStatus
+from app.domain import CancelRequest, Doc, JobSpec, JobStatus
 from app.errors import BadJsonError, MediaTypeError, PayloadError, SignatureError, StoreError
 from app.intake import parse_message, verify_message
 from app.jobs import JobManager, NoSlotError
@@ -297,13 +297,24 @@ async def get_job(request: Request) -> Response:
     services = _services(request)
     _embedded_only(services)
     job = _job_or_404(services, request.path_params["job_id"])
-    docs = services.store.list_docs(job.job_id, job.attempt)
+    docs, partial = _docs_of(services, job)
     out = job.to_json()
+    out["partialDocs"] = partial
     out["docs"] = [
         {"slug": d.slug, "title": d.title, "kind": str(d.kind), "chapterIndex": d.chapter_index}
+        | ({"path": d.path} if d.path is not None else {})
         for d in docs
     ]
     return JSONResponse(out)
+
+
+def _docs_of(services: Services, job: JobView) -> tuple[list[Doc], bool]:
+    """The job's docs: the final set once uploaded, else the partial docs its attempts have
+    uploaded so far (True)."""
+    docs = services.store.list_docs(job.job_id, job.attempt)
+    if docs or job.status is JobStatus.COMPLETED:
+        return docs, False
+    return services.store.list_partial_docs(job.job_id), True
 
 
 @_guard
@@ -311,8 +322,10 @@ async def get_docs(request: Request) -> Response:
     services = _services(request)
     _embedded_only(services)
     job = _job_or_404(services, request.path_params["job_id"])
-    docs = services.store.list_docs(job.job_id, job.attempt)
-    return JSONResponse({"jobId": job.job_id, "docs": [d.to_json() for d in docs]})
+    docs, partial = _docs_of(services, job)
+    return JSONResponse(
+        {"jobId": job.job_id, "partial": partial, "docs": [d.to_json() for d in docs]}
+    )
 
 
 @_guard

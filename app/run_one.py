@@ -41,12 +41,22 @@ from dataclasses import dataclass, field
 from app.adapters.store import JobReporter
 from app.clock import Clock
 from app.config import Settings
-from app.domain import CallbackAck, ClaimResult, Doc, Failure, FailureCode, JobSpec, Progress
+from app.domain import (
+    CallbackAck,
+    ClaimResult,
+    Doc,
+    Failure,
+    FailureCode,
+    JobSpec,
+    PartialDocs,
+    Progress,
+)
 from app.errors import LaunchError, WorkerError
 from app.intake import open_message
 from app.logs import Redactor
 from app.main import build_runtime
 from app.payload import JOB_START
+from app.pipeline.partial import REFUSED_BATCH
 from app.signing import Verifier
 from app.urlpolicy import Resolver
 
@@ -116,8 +126,13 @@ class WatchedReporter:
     async def progress(self, spec: JobSpec, update: Progress) -> CallbackAck:
         return self._ack(await self.inner.progress(spec, update))
 
-    async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
-        return self._ack(await self.inner.put_docs(spec, docs))
+    async def put_docs(
+        self, spec: JobSpec, docs: Sequence[Doc], partial: PartialDocs | None = None
+    ) -> CallbackAck:
+        ack = await self.inner.put_docs(spec, docs, partial)
+        if partial is not None and ack.reason in REFUSED_BATCH:
+            return ack  # one partial batch refused: the attempt goes on (app.pipeline.partial)
+        return self._ack(ack)
 
     async def complete(self, spec: JobSpec, docs_count: int, duration_ms: int) -> None:
         await self.inner.complete(spec, docs_count, duration_ms)

@@ -24,7 +24,17 @@ from convex.values import coerce_args_to_convex, convex_to_json, json_to_convex
 from app.adapters.sqlite_store import SqliteJobStore
 from app.clock import Clock
 from app.config import Settings
-from app.domain import CallbackAck, ClaimResult, Doc, Failure, JobSpec, Progress
+from app.domain import (
+    CallbackAck,
+    Checkpoint,
+    CheckpointFile,
+    ClaimResult,
+    Doc,
+    Failure,
+    JobSpec,
+    PartialDocs,
+    Progress,
+)
 from app.errors import CallbackError
 from app.metrics import Metrics
 
@@ -36,6 +46,8 @@ STATUS_UDF_FAILED = 560  # Convex's status for an error thrown inside the functi
 # holds the lease renewal hostage.
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_BATCH_DOCS = 64
+MAX_CHECKPOINT_PAGES = 200
+"""Pages of 8 files: well past the 1,000 files a checkpoint may hold (`app.checkpoint`)."""
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 10.0
 
@@ -160,11 +172,59 @@ class ConvexJobStore:
         if not isinstance(value, dict):
             raise CallbackError("fondation:claim", "unexpected answer", retryable=False)
         token = value.get("cloneToken")
+        ok = bool(value.get("ok"))
+        checkpoint = None
+        if ok and isinstance(value.get("checkpoint"), dict):
+            checkpoint = await self._checkpoint(spec, value["checkpoint"])
         return ClaimResult(
-            ok=bool(value.get("ok")),
+            ok=ok,
             reason=None if value.get("reason") is None else str(value["reason"]),
             clone_token=token if isinstance(token, str) and token else None,
+            checkpoint=checkpoint,
         )
+
+    async def _checkpoint(self, spec: JobSpec, info: dict[str, Any]) -> Checkpoint | None:
+        """The files the claim announced, fetched page by page (`fondation:checkpointPage`:
+        a function's answer is bounded, a course may not be). Anything unexpected, or a
+        fetch that fails within the lease, is logged and means a full run: never a failure."""
+        ctx = {"job_id": spec.job_id, "attempt": spec.attempt}
+        commit, ended = info.get("commit"), info.get("ended")
+        if not isinstance(commit, str) or not isinstance(ended, list):
+            log.warning("unreadable checkpoint in the claim; running every step", extra=ctx)
+            return None
+        files: list[CheckpointFile] = []
+        after: str | None = None
+        deadline_s = self._lease_deadline()
+        for _ in range(MAX_CHECKPOINT_PAGES):
+            args = self._args(spec) if after is None else self._args(spec, after=after)
+            try:
+                page = await self._call("fondation:checkpointPage", args, deadline_s=deadline_s)
+            except CallbackError as exc:
+                log.warning(
+                    "checkpoint not fetched; running every step",
+                    extra={**ctx, "error": exc.reason},
+                )
+                return None
+            if not isinstance(page, dict) or page.get("ok") is not True:
+                reason = page.get("reason") if isinstance(page, dict) else None
+                log.warning(
+                    "checkpoint refused; running every step", extra={**ctx, "reason": reason}
+                )
+                return None
+            if page.get("commit") != commit:  # replaced by another commit meanwhile
+                return None
+            for f in page.get("files", []):
+                if isinstance(f, dict) and isinstance(f.get("path"), str):
+                    files.append(CheckpointFile(f["path"], str(f.get("content", "")).encode()))
+            nxt = page.get("next")
+            if not isinstance(nxt, str):
+                break
+            after = nxt
+        else:
+            log.warning("checkpoint has too many pages; running every step", extra=ctx)
+            return None
+        steps = tuple(str(s) for s in ended if isinstance(s, str))
+        return Checkpoint(commit, tuple(files), steps)
 
     @staticmethod
     def _ack(value: Any) -> CallbackAck:
@@ -182,12 +242,23 @@ class ConvexJobStore:
             message=update.message,
             logs=list(update.logs),
         )
+        if update.commit is not None:
+            args["commit"] = update.commit
         value = await self._call("fondation:progress", args, deadline_s=self._lease_deadline())
         return self._ack(value)
 
-    async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
-        for batch in batch_docs(docs):
+    async def put_docs(
+        self, spec: JobSpec, docs: Sequence[Doc], partial: PartialDocs | None = None
+    ) -> CallbackAck:
+        batches = batch_docs(docs)
+        if partial is not None and not batches:
+            batches = [[]]  # a step that ended with no new file still says so
+        for i, batch in enumerate(batches):
             args = self._args(spec, docs=[d.to_json() for d in batch])
+            if partial is not None:
+                args.update(partial=True, commit=partial.commit)
+                if partial.ended is not None and i == len(batches) - 1:
+                    args["endedStep"] = partial.ended  # only once all its files are stored
             value = await self._call("fondation:putDocs", args, deadline_s=self._lease_deadline())
             ack = self._ack(value)
             if ack.stop:
@@ -236,8 +307,10 @@ class MirroredReporter:
         await self._mirror("progress", spec, update)
         return ack
 
-    async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
-        return await self.primary.put_docs(spec, docs)
+    async def put_docs(
+        self, spec: JobSpec, docs: Sequence[Doc], partial: PartialDocs | None = None
+    ) -> CallbackAck:
+        return await self.primary.put_docs(spec, docs, partial)
 
     async def complete(self, spec: JobSpec, docs_count: int, duration_ms: int) -> None:
         await self.primary.complete(spec, docs_count, duration_ms)

@@ -198,6 +198,16 @@ class BoardStore:
             )
             if data.get("logs"):
                 log_batches.append([str(line) for line in data["logs"]])
+        shown = [
+            DocView(d["slug"], d["title"], d["kind"], d["chapter_index"], d["content"])
+            for d in docs
+        ]
+        if not shown and latest["status"] != "completed":
+            # Running, or waiting for a retry: the partial docs its attempts uploaded so far.
+            shown = [
+                DocView(d.slug, d.title, str(d.kind), d.chapter_index, d.content)
+                for d in self.store.list_partial_docs(job_id)
+            ]
         row = self._row(latest)
         ended = row.updated_at if row.status in model.FINISHED else None
         return JobDetail(
@@ -217,10 +227,7 @@ class BoardStore:
             ),
             steps=model.timeline(marks, ended_at=ended),
             logs=model.last_lines(log_batches),
-            docs=tuple(
-                DocView(d["slug"], d["title"], d["kind"], d["chapter_index"], d["content"])
-                for d in docs
-            ),
+            docs=tuple(shown),
         )
 
     # -- operator actions ---------------------------------------------------------------

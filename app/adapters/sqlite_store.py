@@ -11,6 +11,13 @@ When SQLite fails (a full disk, an I/O error, a lock held too long) every method
 (claim, complete, fail) are retried a few times, since losing one leaves the job unfinished;
 a progress report is not (the next one carries the whole state); docs that cannot be
 written fail the job with a message saying so.
+
+Resume (embedded mode): partial docs are kept per job and path in `partial_docs`, with the
+commit they were made from and the steps that ended in `checkpoints`; they are the files of
+the job's furthest attempt, since a resumed attempt continues them (an attempt of another
+commit starts over: its first partial batch replaces them). The next attempt's claim returns
+them; `complete` drops them (the final docs replace them); `GET /v1/jobs/{id}/docs` shows them
+while the job has no final docs.
 """
 
 from __future__ import annotations
@@ -31,19 +38,22 @@ from app.clock import Clock
 from app.domain import (
     CallbackAck,
     CancelRequest,
+    Checkpoint,
+    CheckpointFile,
     ClaimResult,
     Doc,
     Failure,
     FailureCode,
     JobSpec,
     JobStatus,
+    PartialDocs,
     Progress,
 )
 from app.errors import CallbackError, StoreError
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 """How long a finished job, its docs and its events stay in the embedded store
 (JOB_RETENTION_S)."""
@@ -107,7 +117,27 @@ CREATE TABLE IF NOT EXISTS events (
   at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+  job_id TEXT PRIMARY KEY,
+  attempt INTEGER NOT NULL,
+  commit_sha TEXT NOT NULL,
+  ended TEXT NOT NULL DEFAULT '[]',
+  updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS partial_docs (
+  job_id TEXT NOT NULL,
+  path TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  slug TEXT NOT NULL,
+  title TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  chapter_index INTEGER,
+  content TEXT NOT NULL,
+  PRIMARY KEY (job_id, path)
+);
 """
+# Columns added after version 1: (table, column, definition), added when missing.
+_ADDED_COLUMNS = (("jobs", "commit_sha", "TEXT"),)
 _ACTIVE = (
     JobStatus.ACCEPTED,
     JobStatus.CLAIMED,
@@ -151,6 +181,7 @@ class JobView:
     created_at: float
     updated_at: float
     options: dict[str, Any] = field(default_factory=dict)
+    commit: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         error = None
@@ -174,6 +205,7 @@ class JobView:
             "error": error,
             "durationMs": self.duration_ms,
             "workerId": self.worker_id,
+            "commit": self.commit,
             "createdAt": self.created_at,
             "updatedAt": self.updated_at,
         }
@@ -253,6 +285,7 @@ def _row_to_view(row: sqlite3.Row) -> JobView:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         options=json.loads(row["options"]),
+        commit=row["commit_sha"],
     )
 
 
@@ -286,6 +319,10 @@ class SqliteJobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        for table, column, definition in _ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.feed = ChangeFeed()
 
@@ -485,6 +522,11 @@ class SqliteJobStore:
                     f"DELETE FROM {table} WHERE (job_id, attempt) IN "  # noqa: S608
                     "(SELECT job_id, attempt FROM temp.expired)"
                 )
+            for table in ("checkpoints", "partial_docs"):  # jobs with no attempt left
+                db.execute(
+                    f"DELETE FROM {table} WHERE NOT EXISTS (SELECT 1 FROM jobs "  # noqa: S608
+                    f"WHERE jobs.job_id = {table}.job_id)"
+                )
             # Events of attempts the store never knew (a cancel for another worker's job).
             db.execute(
                 "DELETE FROM events WHERE at < ? AND NOT EXISTS (SELECT 1 FROM jobs "
@@ -558,6 +600,50 @@ class SqliteJobStore:
             for r in rows
         ]
 
+    def list_partial_docs(self, job_id: str) -> list[Doc]:
+        """The job's partial docs (its checkpoint's files), in course order: the YAML plans,
+        the chapters by index (a reviewed chapter in place of its draft), the tutorials."""
+        from app.domain import DocKind
+
+        with self._read():
+            rows = self._db.execute(
+                "SELECT * FROM partial_docs WHERE job_id = ? ORDER BY path", (job_id,)
+            ).fetchall()
+        kinds = {str(DocKind.YAML): 0, str(DocKind.CHAPTER): 1, str(DocKind.TUTORIAL): 2}
+        by_slug: dict[tuple[str, str], sqlite3.Row] = {}
+        for r in rows:  # by path: chapters/ before reviewed-chapters/, which wins
+            by_slug[(r["kind"], r["slug"])] = r
+        ordered = sorted(
+            by_slug.values(),
+            key=lambda r: (kinds.get(r["kind"], 3), r["chapter_index"] or 0, r["path"]),
+        )
+        return [
+            Doc(
+                slug=r["slug"],
+                title=r["title"],
+                kind=DocKind(r["kind"]),
+                chapter_index=r["chapter_index"],
+                content=r["content"],
+                path=r["path"],
+            )
+            for r in ordered
+        ]
+
+    def checkpoint(self, job_id: str) -> Checkpoint | None:
+        """The files the job's furthest attempt uploaded as partial docs, with their commit."""
+        with self._read():
+            cp = self._db.execute(
+                "SELECT * FROM checkpoints WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if cp is None:
+                return None
+            rows = self._db.execute(
+                "SELECT path, content FROM partial_docs WHERE job_id = ? ORDER BY path",
+                (job_id,),
+            ).fetchall()
+        files = tuple(CheckpointFile(r["path"], r["content"].encode("utf-8")) for r in rows)
+        return Checkpoint(cp["commit_sha"], files, tuple(json.loads(cp["ended"])))
+
     def events_since(self, job_id: str, after_id: int, limit: int = 200) -> list[JobEvent]:
         with self._read():
             rows = self._db.execute(
@@ -629,7 +715,7 @@ class SqliteJobStore:
                 {"workerId": self._worker_id},
                 claimed_by=self._worker_id,
             )
-        return ClaimResult(ok=True)
+        return ClaimResult(ok=True, checkpoint=self.checkpoint(spec.job_id))
 
     async def progress(self, spec: JobSpec, update: Progress) -> CallbackAck:
         with self._tx("progress") as db:
@@ -643,6 +729,7 @@ class SqliteJobStore:
                 return CallbackAck(stop=True, reason="final")
             if update.seq <= row["seq"]:
                 return CallbackAck()  # stale: ignored, as Convex does
+            commit = {} if update.commit is None else {"commit_sha": update.commit}
             self._update(
                 db,
                 spec.job_id,
@@ -652,6 +739,7 @@ class SqliteJobStore:
                 current_step=update.current_step,
                 total_steps=update.total_steps,
                 message=update.message,
+                **commit,
             )
             self._event(
                 db,
@@ -665,13 +753,19 @@ class SqliteJobStore:
                     "totalSteps": update.total_steps,
                     "message": update.message,
                     "logs": list(update.logs),
+                    **({} if update.commit is None else {"commit": update.commit}),
                 },
             )
         return CallbackAck()
 
-    async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
+    async def put_docs(
+        self, spec: JobSpec, docs: Sequence[Doc], partial: PartialDocs | None = None
+    ) -> CallbackAck:
         """Store a batch of docs; when the store cannot take them (a full disk, mostly: docs
-        are the big writes), fail the job saying so and ask the runner to stop."""
+        are the big writes), fail the job saying so and ask the runner to stop. Partial docs
+        that cannot be stored only raise `CallbackError`: the final upload decides."""
+        if partial is not None:
+            return self._put_partial(spec, docs, partial)
         try:
             return self._put_docs(spec, docs)
         except CallbackError as exc:
@@ -710,6 +804,68 @@ class SqliteJobStore:
                 )
         return CallbackAck()
 
+    def _put_partial(self, spec: JobSpec, docs: Sequence[Doc], partial: PartialDocs) -> CallbackAck:
+        with self._tx("put_docs") as db:
+            state = self._status(db, spec)
+            if state is None:
+                return CallbackAck(stop=True, reason="unknown_job")
+            if JobStatus(state[0]).is_final:
+                return CallbackAck(stop=True, reason="final")
+            cp = db.execute(
+                "SELECT attempt, commit_sha, ended FROM checkpoints WHERE job_id = ?",
+                (spec.job_id,),
+            ).fetchone()
+            if cp is not None and cp["attempt"] > spec.attempt:
+                return CallbackAck(stop=True, reason="superseded")
+            ended: list[str] = []
+            if cp is None or cp["commit_sha"] != partial.commit:
+                # Another commit: this attempt runs in full, its files replace the old ones.
+                db.execute("DELETE FROM partial_docs WHERE job_id = ?", (spec.job_id,))
+            else:
+                ended = json.loads(cp["ended"])
+            if partial.ended is not None and partial.ended not in ended:
+                ended.append(partial.ended)
+            db.execute(
+                """INSERT INTO checkpoints(job_id, attempt, commit_sha, ended, updated_at)
+                   VALUES (?,?,?,?,?) ON CONFLICT(job_id) DO UPDATE SET
+                   attempt = excluded.attempt, commit_sha = excluded.commit_sha,
+                   ended = excluded.ended, updated_at = excluded.updated_at""",
+                (spec.job_id, spec.attempt, partial.commit, json.dumps(ended), self._clock.now()),
+            )
+            for doc in docs:
+                if doc.path is None:
+                    raise CallbackError("put_docs", "a partial doc without a path", retryable=False)
+                db.execute(
+                    """INSERT INTO partial_docs(job_id, path, attempt, slug, title, kind,
+                       chapter_index, content) VALUES (?,?,?,?,?,?,?,?)
+                       ON CONFLICT(job_id, path) DO UPDATE SET attempt = excluded.attempt,
+                       slug = excluded.slug, title = excluded.title, kind = excluded.kind,
+                       chapter_index = excluded.chapter_index, content = excluded.content""",
+                    (
+                        spec.job_id,
+                        doc.path,
+                        spec.attempt,
+                        doc.slug,
+                        doc.title,
+                        str(doc.kind),
+                        doc.chapter_index,
+                        doc.content,
+                    ),
+                )
+            self._event(
+                db,
+                spec.job_id,
+                spec.attempt,
+                "docs",
+                {
+                    "partial": True,
+                    "paths": [d.path for d in docs],
+                    "stepEnded": partial.ended,
+                    "commit": partial.commit,
+                },
+            )
+        return CallbackAck()
+
     async def complete(self, spec: JobSpec, docs_count: int, duration_ms: int) -> None:
         await self._retried("complete", lambda: self._complete(spec, docs_count, duration_ms))
 
@@ -725,6 +881,12 @@ class SqliteJobStore:
                 duration_ms=duration_ms,
                 message="completed",
             )
+            # The final docs replace the checkpoint: no later attempt will resume from it.
+            for table in ("checkpoints", "partial_docs"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE job_id = ?",  # noqa: S608
+                    (spec.job_id,),
+                )
 
     async def fail(self, spec: JobSpec, failure: Failure) -> None:
         await self._retried("fail", lambda: self._fail(spec, failure))

@@ -2,8 +2,11 @@
 
     attempt.py   what every phase gets: the injected deps, the stop request, the workspace,
                  the progress sender
-    clone.py     clone       CloneInput  -> git.CloneResult (the commit SHA resume needs)
+    clone.py     clone       CloneInput  -> git.CloneResult (the commit SHA resume needs;
+                             a resumed attempt clones the checkpoint's commit)
+    restore.py   restore_checkpoint  RestoreInput -> Restored (the steps left, or a full run)
     run_cli.py   run_cli     CliInput    -> CliOutput
+    partial.py   (inside run_cli) each finished step's files as partial docs
     collect.py   collect     CollectInput -> Collected
     upload.py    upload      Collected   -> Uploaded
     runner.py    runs the phases in order (stop checked, each timed under its name), then

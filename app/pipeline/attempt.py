@@ -9,16 +9,18 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from app.adapters.store import JobReporter
+from app.checkpoint import promised_floor
 from app.clock import Clock
 from app.config import Settings
-from app.domain import JobSpec, JobStatus
+from app.domain import Checkpoint, JobSpec, JobStatus
 from app.isolation import CliSandbox
 from app.logs import Redactor
 from app.metrics import Metrics
 from app.pipeline.reporting import ProgressSender
-from app.progress import ProgressTracker
+from app.progress import ProgressTracker, StepPlan
 from app.urlpolicy import Resolver, UrlPolicy
 
 log = logging.getLogger("fondation.jobs")
@@ -97,6 +99,12 @@ class Workspace:
         self.out_dir.mkdir()
 
 
+class Ticking(Protocol):
+    """Something a running phase wants called on every heartbeat tick (monotonic seconds)."""
+
+    def tick(self, now_s: float) -> None: ...
+
+
 class Attempt:
     """The context the phases of one attempt share."""
 
@@ -107,6 +115,7 @@ class Attempt:
         workspace: Workspace,
         clone_token: str | None,
         *,
+        checkpoint: Checkpoint | None = None,
         budget_s: float = float("inf"),
     ) -> None:
         self.deps = deps
@@ -114,8 +123,24 @@ class Attempt:
         self.spec = run.spec
         self.workspace = workspace
         self.clone_token = clone_token
+        self.checkpoint = checkpoint
+        """What earlier attempts left (the claim's answer); the restore phase decides."""
         s = deps.settings
-        self.tracker = ProgressTracker(s.progress_min_interval_s, s.heartbeat_s)
+        # Steps are reported global (1..6 of 6). Resuming, the attempt starts at the step the
+        # checkpoint promises, so the job's progress does not drop back while it clones; the
+        # restore phase replans once it knows what really runs.
+        floor = 0
+        if checkpoint is not None:
+            floor = promised_floor(
+                checkpoint, job_steps=self.spec.options.steps, max_doc_bytes=s.max_doc_bytes
+            )
+        self.tracker = ProgressTracker(
+            s.progress_min_interval_s,
+            s.heartbeat_s,
+            plan=StepPlan(self.spec.options.steps, floor=floor),
+        )
+        self.ticking: Ticking | None = None
+        """Called on each heartbeat tick while set (the CLI's partial uploads)."""
         self.sender = ProgressSender(deps.reporter, self.spec, self.superseded, deps.metrics)
         self.ctx: dict[str, object] = {"job_id": self.spec.job_id, "attempt": self.spec.attempt}
         self.started = deps.clock.monotonic()
@@ -149,3 +174,5 @@ class Attempt:
             update = self.tracker.tick(now)
             if update is not None:
                 self.sender.push(update)
+            if self.ticking is not None:
+                self.ticking.tick(now)

@@ -2,10 +2,14 @@
 
 The runner owns what is the same for every phase: the stop request is checked before each
 phase and raced against it (except the CLI's, which stops its own process group), each phase
-is announced and timed under its name (`step_duration_s`: clone, cli, gather, upload), and a
-phase's `JobFailure` ends the sequence. `decide_outcome` then says what happened and
-`send_final` reports it, shielded from a late cancellation. Resume adds a
-`restore_checkpoint` phase in front of `clone`; nothing else changes."""
+is announced and timed under its name (`step_duration_s`: clone, restore, cli, gather,
+upload), and a phase's `JobFailure` ends the sequence. `decide_outcome` then says what
+happened and `send_final` reports it, shielded from a late cancellation.
+
+    clone -> restore_checkpoint -> run_cli -> collect -> upload
+
+`restore_checkpoint` follows the clone because it needs the commit; without a checkpoint it
+writes nothing. A resumed attempt's clone is pinned to the checkpoint's commit."""
 
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from app.domain import Failure, FailureCode, JobStatus
+from app.domain import Checkpoint, Failure, FailureCode, JobStatus
 from app.errors import JobFailure
-from app.pipeline import clone, collect, run_cli, upload
+from app.pipeline import clone, collect, restore, run_cli, upload
 from app.pipeline.attempt import Attempt, RunnerDeps, RunState, StopReason, Workspace
 from app.pipeline.outcome import decide_outcome
 from app.pipeline.reporting import send_final
@@ -45,6 +49,15 @@ class Phase(Generic[In, Out]):
 
 
 CLONE = Phase("clone", "clone", clone.STATUS, clone.MESSAGE, clone.clone)
+RESTORE = Phase(
+    "restore_checkpoint",
+    "restore",
+    None,
+    restore.MESSAGE,
+    restore.restore_checkpoint,
+    timeout_s=restore.TIMEOUT_S,
+    timeout_retryable=True,
+)
 RUN_CLI = Phase("run_cli", "cli", run_cli.STATUS, run_cli.MESSAGE, run_cli.run_cli, raced=False)
 COLLECT = Phase(
     "collect",
@@ -132,11 +145,21 @@ async def run_phases(attempt: Attempt) -> upload.Uploaded:
     """The attempt's phases, each fed the previous one's record."""
     spec, ws = attempt.spec, attempt.workspace
     ws.create()
+    checkpoint = attempt.checkpoint
+    pinned = None if checkpoint is None else checkpoint.commit
     cloned = await run_phase(
-        attempt, CLONE, clone.CloneInput(spec.repository.url, spec.repository.ref, ws.repo_dir)
+        attempt,
+        CLONE,
+        clone.CloneInput(spec.repository.url, spec.repository.ref, ws.repo_dir, pinned),
+    )
+    attempt.tracker.set_commit(cloned.commit)  # every report from here on names it
+    restored = await run_phase(
+        attempt, RESTORE, restore.RestoreInput(checkpoint, cloned.commit, ws.out_dir)
     )
     ran = await run_phase(
-        attempt, RUN_CLI, run_cli.CliInput(ws.repo_dir, ws.out_dir, cloned.commit)
+        attempt,
+        RUN_CLI,
+        run_cli.CliInput(ws.repo_dir, ws.out_dir, restored.commit, restored.plan),
     )
     collected = await run_phase(attempt, COLLECT, collect.CollectInput(ran.out_dir))
     return await run_phase(attempt, UPLOAD, collected)
@@ -145,18 +168,34 @@ async def run_phases(attempt: Attempt) -> upload.Uploaded:
 def attempt_budget_s(deps: RunnerDeps) -> float:
     """The longest an attempt may run: every phase's own bound, plus the CLI's kill grace."""
     s = deps.settings
-    after_cli = sum(p.timeout_s or 0.0 for p in (COLLECT, UPLOAD))
-    return s.clone_timeout_s + s.job_timeout_s + deps.term_grace_s + after_cli + 10.0
+    others = sum(p.timeout_s or 0.0 for p in (RESTORE, COLLECT, UPLOAD))
+    # A resumed clone may fetch twice (the checkpoint's commit, then the ref); the CLI's
+    # partial uploads get `flush_s` after it exits.
+    return (
+        2 * s.clone_timeout_s + s.job_timeout_s + deps.term_grace_s + deps.flush_s + others + 10.0
+    )
 
 
 async def run_attempt(
-    deps: RunnerDeps, run: RunState, workspace: Workspace, clone_token: str | None
+    deps: RunnerDeps,
+    run: RunState,
+    workspace: Workspace,
+    clone_token: str | None,
+    checkpoint: Checkpoint | None = None,
 ) -> Failure | None:
     """Run a claimed attempt and report its end; returns None on success or the failure.
+    `checkpoint`: what the claim returned of earlier attempts (resume).
 
     Cancelled (shutdown past its grace), the attempt still reports `interrupted` before the
     cancellation goes on; a cancel that lands during the final report does not drop it."""
-    attempt = Attempt(deps, run, workspace, clone_token, budget_s=attempt_budget_s(deps))
+    attempt = Attempt(
+        deps,
+        run,
+        workspace,
+        clone_token,
+        checkpoint=checkpoint,
+        budget_s=attempt_budget_s(deps),
+    )
     ticker = asyncio.create_task(attempt.tick())
     uploaded: upload.Uploaded | None = None
     error: JobFailure | None = None

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.domain import CallbackAck, ClaimResult, Doc, Failure, JobSpec, Progress
+from app.domain import CallbackAck, ClaimResult, Doc, Failure, JobSpec, PartialDocs, Progress
 
 
 async def public_resolver(host: str, port: int) -> list[str]:
@@ -32,7 +32,9 @@ class HeldReporter:
         self.calls.append(("progress", update))
         return CallbackAck()
 
-    async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
+    async def put_docs(
+        self, spec: JobSpec, docs: Sequence[Doc], partial: PartialDocs | None = None
+    ) -> CallbackAck:
         self.calls.append(("put_docs", len(docs)))
         return CallbackAck()
 

@@ -179,3 +179,87 @@ async def test_put_docs_sends_every_batch_in_order() -> None:
     sent = [d["slug"] for c in fake.calls for d in c["args"]["docs"]]
     assert sent == [d.slug for d in docs] and len(fake.calls) >= 2
     assert fake.calls[0]["args"]["docs"][0]["chapterIndex"] == 0.0
+
+
+# -- resume ---------------------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def ok(value: Any) -> tuple[int, Any]:
+    return 200, {"status": "success", "value": value, "logLines": []}
+
+
+async def test_claim_fetches_the_announced_checkpoint_page_by_page() -> None:
+    info = {"commit": COMMIT, "ended": ["extract"], "files": 3}
+    fake = FakeConvex(
+        [
+            ok({"ok": True, "checkpoint": info}),
+            ok(
+                {
+                    "ok": True,
+                    "commit": COMMIT,
+                    "files": [
+                        {"path": "step1_abstractions.yaml", "content": "- a"},
+                        {"path": "chapters/chapter_1_a.md", "content": "é"},
+                    ],
+                    "next": "chapters/chapter_1_a.md",
+                }
+            ),
+            ok(
+                {
+                    "ok": True,
+                    "commit": COMMIT,
+                    "files": [
+                        {"path": "step2_relationships.yaml", "content": "r"},
+                    ],
+                    "next": None,
+                }
+            ),
+        ]
+    )
+    store, _ = make_store(fake)
+    result = await store.claim(SPEC)
+    assert result.checkpoint is not None
+    assert result.checkpoint.commit == COMMIT and result.checkpoint.ended == ("extract",)
+    assert [(f.path, f.data) for f in result.checkpoint.files] == [
+        ("step1_abstractions.yaml", b"- a"),
+        ("chapters/chapter_1_a.md", "é".encode()),
+        ("step2_relationships.yaml", b"r"),
+    ]
+    assert [c["path"] for c in fake.calls] == ["fondation:claim"] + ["fondation:checkpointPage"] * 2
+    assert "after" not in fake.calls[1]["args"]
+    assert fake.calls[2]["args"]["after"] == "chapters/chapter_1_a.md"
+
+
+async def test_a_checkpoint_that_cannot_be_fetched_means_a_full_run_not_a_failed_claim() -> None:
+    info = {"commit": COMMIT, "ended": [], "files": 1}
+    fake = FakeConvex([ok({"ok": True, "checkpoint": info}), ok({"ok": False, "reason": "x"})])
+    store, _ = make_store(fake)
+    result = await store.claim(SPEC)
+    assert result.ok and result.checkpoint is None
+
+
+async def test_partial_docs_carry_the_commit_and_the_ended_step_on_the_last_batch_only() -> None:
+    from app.domain import PartialDocs
+
+    fake = FakeConvex()
+    store, _ = make_store(fake)
+    big = "x" * (MAX_BATCH_BYTES // 2)
+    docs = [
+        Doc(f"chapter-{i}", "t", DocKind.CHAPTER, i, big, f"chapters/chapter_{i}_a.md")
+        for i in range(3)
+    ]
+    await store.put_docs(SPEC, docs, PartialDocs(COMMIT, "generate-chapters"))
+    calls = [c["args"] for c in fake.calls]
+    assert len(calls) > 1
+    assert all(c["partial"] is True and c["commit"] == COMMIT for c in calls)
+    assert [c.get("endedStep") for c in calls] == [None] * (len(calls) - 1) + ["generate-chapters"]
+    assert calls[0]["docs"][0]["path"] == "chapters/chapter_0_a.md"
+    fake.calls.clear()
+    await store.put_docs(SPEC, [], PartialDocs(COMMIT, "generate-tutorials"))
+    assert [c["args"]["endedStep"] for c in fake.calls] == ["generate-tutorials"]
+    fake.calls.clear()
+    update = Progress(3, JobStatus.ANALYZING, 1, 6, "m", commit=COMMIT)
+    await store.progress(SPEC, update)
+    assert fake.calls[0]["args"]["commit"] == COMMIT

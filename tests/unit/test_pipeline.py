@@ -21,6 +21,7 @@ from app.domain import (
     FailureCode,
     JobSpec,
     JobStatus,
+    PartialDocs,
     Progress,
     Repository,
 )
@@ -47,7 +48,9 @@ class Recorder:
         self.calls.append(("progress", update.status))
         return CallbackAck()
 
-    async def put_docs(self, spec: JobSpec, docs: Sequence[Doc]) -> CallbackAck:
+    async def put_docs(
+        self, spec: JobSpec, docs: Sequence[Doc], partial: PartialDocs | None = None
+    ) -> CallbackAck:
         # What a batch looked like, not the docs themselves (memory is measured).
         size = sum(len(d.content.encode()) for d in docs)
         leaked = any("s3cret-value" in d.content or "s3cret-value" in d.title for d in docs)

@@ -88,7 +88,7 @@ class _Inner:
     async def progress(self, spec: Any, update: Any) -> CallbackAck:
         return self.ack
 
-    async def put_docs(self, spec: Any, docs: Any) -> CallbackAck:
+    async def put_docs(self, spec: Any, docs: Any, partial: Any = None) -> CallbackAck:
         return self.ack
 
     async def complete(self, spec: Any, docs_count: int, duration_ms: int) -> None:

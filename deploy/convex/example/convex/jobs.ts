@@ -168,6 +168,9 @@ export const onFondationEvent = internalMutation({
           await ctx.db.insert("jobLogs", { jobId: job._id, ts: event.at, seq: l.seq, level: "info", msg: l.line });
         }
         break;
+      // The course as it grows: partial docs go where the final ones will (same slugs, a
+      // reviewed chapter over its draft); the `docs` events of the final upload replace them.
+      case "partialDocs":
       case "docs":
         for (const d of change.docs) {
           const row = {

@@ -2,7 +2,7 @@
  * The host's side of the Fondation worker component.
  *
  *   export const fondation = new Fondation(components.fondation, { cloneToken: internal.jobs.cloneToken });
- *   export const { claim, progress, putDocs, complete, fail } = fondation.workerApi();
+ *   export const { claim, checkpointPage, progress, putDocs, complete, fail } = fondation.workerApi();
  *   export const { boardSnapshot, boardJob, retry, cancelJob, setPriority } = fondation.operatorApi();
  *   const runId = await fondation.enqueue(ctx, { repositoryUrl, onEvent: internal.jobs.onEvent, context });
  *
@@ -26,6 +26,7 @@ import { vActionResult, vBoardJob, vBoardSnapshot } from "../component/boardShap
 import {
   DEFAULT_CONFIG,
   callbackAuth,
+  vCheckpointInfo,
   vDocInput,
   vFailureCode,
   vRefusal,
@@ -300,8 +301,9 @@ export class Fondation {
   }
 
   /**
-   * The five public mutations the worker calls over the Convex HTTP API. Export them from
-   * `convex/fondation.ts` so their paths are `fondation:claim` … `fondation:fail`. They are
+   * The public mutations the worker calls over the Convex HTTP API. Export them from
+   * `convex/fondation.ts` so their paths are `fondation:claim` … `fondation:fail` (and
+   * `fondation:checkpointPage`, which a resumed attempt reads its checkpoint with). They are
    * public on purpose (the worker has no deploy key); each call proves itself with the
    * attempt's callback token, which the component checks against its stored hash.
    */
@@ -311,18 +313,39 @@ export class Fondation {
     return {
       claim: mutationGeneric({
         args: callbackAuth,
-        returns: v.union(v.object({ ok: v.literal(true), cloneToken: v.optional(v.string()) }), vRefusal),
+        returns: v.union(
+          v.object({
+            ok: v.literal(true),
+            cloneToken: v.optional(v.string()),
+            checkpoint: v.optional(vCheckpointInfo),
+          }),
+          vRefusal,
+        ),
         handler: async (ctx, args) => {
           const granted = await ctx.runMutation(component.worker.claim, args);
           if (!granted.ok) return { ok: false as const, reason: granted.reason };
-          if (cloneToken === undefined) return { ok: true as const };
+          const resume = granted.checkpoint === undefined ? {} : { checkpoint: granted.checkpoint };
+          if (cloneToken === undefined) return { ok: true as const, ...resume };
           const token = await ctx.runQuery(cloneToken, {
             runId: args.jobId,
             repositoryUrl: granted.repositoryUrl,
             context: granted.context,
           });
-          return token ? { ok: true as const, cloneToken: token } : { ok: true as const };
+          return token ? { ok: true as const, cloneToken: token, ...resume } : { ok: true as const, ...resume };
         },
+      }),
+      checkpointPage: mutationGeneric({
+        args: { ...callbackAuth, after: v.optional(v.string()) },
+        returns: v.union(
+          v.object({
+            ok: v.literal(true),
+            commit: v.string(),
+            files: v.array(v.object({ path: v.string(), content: v.string() })),
+            next: v.union(v.string(), v.null()),
+          }),
+          vRefusal,
+        ),
+        handler: async (ctx, args) => await ctx.runMutation(component.worker.checkpointPage, args),
       }),
       progress: mutationGeneric({
         args: {
@@ -333,12 +356,19 @@ export class Fondation {
           totalSteps: v.number(),
           message: v.string(),
           logs: v.optional(v.array(v.string())),
+          commit: v.optional(v.string()),
         },
         returns: v.union(v.object({ ok: v.literal(true), stale: v.optional(v.literal(true)) }), vRefusal),
         handler: async (ctx, args) => await ctx.runMutation(component.worker.progress, args),
       }),
       putDocs: mutationGeneric({
-        args: { ...callbackAuth, docs: v.array(vDocInput) },
+        args: {
+          ...callbackAuth,
+          docs: v.array(vDocInput),
+          partial: v.optional(v.boolean()),
+          commit: v.optional(v.string()),
+          endedStep: v.optional(v.string()),
+        },
         returns: v.union(v.object({ ok: v.literal(true), stored: v.number() }), vRefusal),
         handler: async (ctx, args) => await ctx.runMutation(component.worker.putDocs, args),
       }),

@@ -24,3 +24,34 @@ export const cleanup = internalMutation({
     return older.length;
   },
 });
+
+/** Deletes the run's checkpoint files except those of `keepCommit` (all when unset). */
+export const dropCheckpoint = internalMutation({
+  args: { runId: v.id("runs"), keepCommit: v.optional(v.string()) },
+  returns: v.number(),
+  handler: async (ctx, { runId, keepCommit }) => {
+    let deleted = 0;
+    let scanned = 0;
+    // Kept files come first or last in the index: skip them by range, never by reading them.
+    const ranges =
+      keepCommit === undefined
+        ? [ctx.db.query("checkpointFiles").withIndex("by_run_commit_path", (q) => q.eq("runId", runId))]
+        : [
+            ctx.db.query("checkpointFiles").withIndex("by_run_commit_path", (q) => q.eq("runId", runId).lt("commit", keepCommit)),
+            ctx.db.query("checkpointFiles").withIndex("by_run_commit_path", (q) => q.eq("runId", runId).gt("commit", keepCommit)),
+          ];
+    for (const range of ranges) {
+      const rows = await range.take(DELETE_BATCH - scanned);
+      scanned += rows.length;
+      for (const f of rows) {
+        await ctx.db.delete(f._id);
+        deleted++;
+      }
+      if (scanned >= DELETE_BATCH) break;
+    }
+    if (scanned >= DELETE_BATCH) {
+      await ctx.scheduler.runAfter(0, internal.docs.dropCheckpoint, { runId, keepCommit });
+    }
+    return deleted;
+  },
+});

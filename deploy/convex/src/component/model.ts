@@ -138,6 +138,7 @@ export function runView(run: Run): RunView {
     lastError: run.lastError,
     result: run.result,
     claimedBy: run.claimedBy,
+    commit: run.commit,
     createdAt: run.createdAt,
     updatedAt: run.updatedAt,
     finishedAt: run.finishedAt,
@@ -218,7 +219,13 @@ export async function finishRun(
     message,
     finishedAt: now,
     updatedAt: now,
+    // A failed or dead run keeps its checkpoint: the operator's retry (`operator.retry`)
+    // resumes from it. A canceled one is never retried: its files go, in the background.
+    ...(status === "canceled" ? { checkpoint: undefined } : {}),
   });
+  if (status === "canceled" && run.checkpoint !== undefined) {
+    await ctx.scheduler.runAfter(0, internal.docs.dropCheckpoint, { runId: run._id });
+  }
   if (lease !== null && lease.leaseUntil !== undefined) await ctx.db.patch(lease._id, { leaseUntil: undefined });
   await emit(ctx, run, { kind: "finished", status, error });
   await kick(ctx);

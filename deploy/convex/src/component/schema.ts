@@ -36,6 +36,13 @@ export default defineSchema({
     result: v.optional(v.object({ docsCount: v.number(), durationMs: v.number() })),
     claimedBy: v.optional(v.string()),
     claimedAt: v.optional(v.number()),
+    /** The commit the current attempt cloned, from its progress reports. */
+    commit: v.optional(v.string()),
+    /** The files of the furthest attempt (`checkpointFiles` of this commit), kept for the next
+     * attempt to resume from; unset once the run completes. */
+    checkpoint: v.optional(
+      v.object({ commit: v.string(), attempt: v.number(), ended: v.array(v.string()), files: v.number() }),
+    ),
     dispatchedAt: v.optional(v.number()),
     deliveredAt: v.optional(v.number()),
     /** The host's `onEvent` mutation (a function handle) and the context it gets back. */
@@ -125,6 +132,22 @@ export default defineSchema({
   })
     .index("by_run_attempt_slug", ["runId", "attempt", "slug"])
     .index("by_run_attempt_order", ["runId", "attempt", "order"]),
+
+  /**
+   * The run's checkpoint: the output files its attempts uploaded as partial docs, one row per
+   * commit and path (a resumed attempt continues the same files). Only rows of
+   * `runs.checkpoint.commit` are read; others (an attempt that ran in full on another commit)
+   * and, after `complete`, all of them are deleted in batches by `docs.dropCheckpoint`.
+   * Writer: `worker.putDocs` (partial). Readers: `worker.checkpointPage`, `docs.dropCheckpoint`.
+   */
+  checkpointFiles: defineTable({
+    runId: v.id("runs"),
+    commit: v.string(),
+    path: v.string(),
+    content: v.string(),
+    attempt: v.number(),
+    updatedAt: v.number(),
+  }).index("by_run_commit_path", ["runId", "commit", "path"]),
 
   /**
    * One random key (32 bytes) under which callback tokens are derived: token =

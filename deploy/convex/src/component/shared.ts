@@ -107,15 +107,26 @@ export type EnqueueErrorCode = Infer<typeof vEnqueueErrorCode>;
 export const vDocKind = v.union(v.literal("yaml"), v.literal("chapter"), v.literal("tutorial"));
 export type DocKind = Infer<typeof vDocKind>;
 
-/** One generated file as the worker sends it (`putDocs`). */
+/** One generated file as the worker sends it (`putDocs`). Partial docs also carry `path`,
+ * the file's place in the CLI's output directory: the key of the run's checkpoint. */
 export const vDocInput = v.object({
   slug: v.string(),
   title: v.string(),
   kind: vDocKind,
   chapterIndex: v.union(v.number(), v.null()),
   content: v.string(),
+  path: v.optional(v.string()),
 });
 export type DocInput = Infer<typeof vDocInput>;
+
+/** The run's checkpoint as a claim announces it: the commit its files were made from, the
+ * steps whose files were all stored, and how many files to fetch (`checkpointPage`). */
+export const vCheckpointInfo = v.object({
+  commit: v.string(),
+  ended: v.array(v.string()),
+  files: v.number(),
+});
+export type CheckpointInfo = Infer<typeof vCheckpointInfo>;
 
 /** The four fields every worker callback carries. `jobId` (the run id) is a plain string so a
  * malformed id gets `{ok:false, reason:"unauthorized"}` instead of an argument-validation error. */
@@ -209,6 +220,8 @@ export const vRunView = v.object({
   lastError: v.optional(vRunError),
   result: v.optional(v.object({ docsCount: v.number(), durationMs: v.number() })),
   claimedBy: v.optional(v.string()),
+  /** The commit the current attempt cloned (the worker reports it with its progress). */
+  commit: v.optional(v.string()),
   createdAt: v.number(),
   updatedAt: v.number(),
   finishedAt: v.optional(v.number()),
@@ -255,6 +268,15 @@ export const vFondationChange = v.union(
     kind: v.literal("docs"),
     docs: v.array(vDocInput),
     storedDocs: v.number(),
+  }),
+  /** Files the running attempt's CLI wrote so far (each with `path`): a step that ended
+   * (`stepEnded`), or files finished within a step. Show them as the course grows; the
+   * `docs` and `completed` events then give the final, ordered set. */
+  v.object({
+    kind: v.literal("partialDocs"),
+    docs: v.array(vDocInput),
+    commit: v.string(),
+    stepEnded: v.optional(v.string()),
   }),
   v.object({
     kind: v.literal("completed"),

@@ -5,6 +5,7 @@
  * the lease in `leases`.
  */
 import { v } from "convex/values";
+import { internal } from "./_generated/api.js";
 import { mutation, type QueryCtx } from "./_generated/server.js";
 import { emit } from "./events.js";
 import { kick } from "./kick.js";
@@ -29,6 +30,7 @@ import {
   isFinal,
   isRunning,
   phaseIndex,
+  vCheckpointInfo,
   vDocInput,
   vFailureCode,
   vRefusal,
@@ -37,6 +39,13 @@ import {
 } from "./shared.js";
 
 const UNAUTHORIZED: Refusal = { ok: false, reason: "unauthorized" };
+/** A full commit SHA (SHA-1 or SHA-256), lower case as git prints it. */
+const SHA = /^(?:[0-9a-f]{40}|[0-9a-f]{64})$/;
+/** A path of the CLI's output layout: a file at the top (the YAML plans) or in one of its
+ * three directories; no other directory, no `..`, no control character. The worker checks the
+ * exact names again before it restores them. */
+const PATH = /^(?:(?:chapters|reviewed-chapters|tutorials)\/)?(?!\.\.?$)[^/\\\u0000-\u001f\u007f]{1,255}$/;
+const STEPS = new Set(["extract", "analyze", "order", "generate-chapters", "review-chapters", "generate-tutorials"]);
 const encoder = new TextEncoder();
 
 type Gate =
@@ -89,7 +98,12 @@ const ok = v.object({ ok: v.literal(true) });
 export const claim = mutation({
   args: callbackAuth,
   returns: v.union(
-    v.object({ ok: v.literal(true), repositoryUrl: v.string(), context: v.optional(v.any()) }),
+    v.object({
+      ok: v.literal(true),
+      repositoryUrl: v.string(),
+      context: v.optional(v.any()),
+      checkpoint: v.optional(vCheckpointInfo),
+    }),
     vRefusal,
   ),
   handler: async (ctx, args) => {
@@ -97,7 +111,15 @@ export const claim = mutation({
     if ("refusal" in gate) return gate.refusal;
     const { run, lease } = gate;
     const config = await getConfig(ctx);
-    const granted = { ok: true as const, repositoryUrl: run.repositoryUrl, context: run.onEvent?.context };
+    // What earlier attempts left: the worker fetches the files with `checkpointPage`.
+    const cp = run.checkpoint;
+    const checkpoint = cp === undefined ? undefined : { commit: cp.commit, ended: cp.ended, files: cp.files };
+    const granted = {
+      ok: true as const,
+      repositoryUrl: run.repositoryUrl,
+      context: run.onEvent?.context,
+      ...(checkpoint === undefined ? {} : { checkpoint }),
+    };
     const now = Date.now();
     if (isRunning(run.status)) {
       if (run.claimedBy !== args.workerId) return { ok: false as const, reason: "already_claimed" };
@@ -123,6 +145,8 @@ export const progress = mutation({
     totalSteps: v.number(),
     message: v.string(),
     logs: v.optional(v.array(v.string())),
+    /** The commit SHA the attempt cloned, once known: the run records it. */
+    commit: v.optional(v.string()),
   },
   returns: v.union(v.object({ ok: v.literal(true), stale: v.optional(v.literal(true)) }), vRefusal),
   handler: async (ctx, args) => {
@@ -142,6 +166,10 @@ export const progress = mutation({
       logSeq: lease.logSeq + lines.length,
     });
     const message = args.message.slice(0, MAX_MESSAGE);
+    if (args.commit !== undefined && args.commit !== run.commit) {
+      if (!SHA.test(args.commit)) return { ok: false as const, reason: "invalid_commit" };
+      await ctx.db.patch(run._id, { commit: args.commit, updatedAt: now });
+    }
     const stepChanged =
       args.status !== run.status ||
       args.currentStep !== run.currentStep ||
@@ -175,9 +203,18 @@ export const progress = mutation({
   },
 });
 
-/** Store generated docs; re-sending a slug replaces it. */
+/** Store generated docs; re-sending a slug replaces it. With `partial`: files of the running
+ * attempt (each with `path`, made from `commit`), kept per path as the run's checkpoint and
+ * shown to the host (`partialDocs` event); `endedStep` (on a step's last batch) joins the
+ * checkpoint's ended steps. */
 export const putDocs = mutation({
-  args: { ...callbackAuth, docs: v.array(vDocInput) },
+  args: {
+    ...callbackAuth,
+    docs: v.array(vDocInput),
+    partial: v.optional(v.boolean()),
+    commit: v.optional(v.string()),
+    endedStep: v.optional(v.string()),
+  },
   returns: v.union(v.object({ ok: v.literal(true), stored: v.number() }), vRefusal),
   handler: async (ctx, args) => {
     const gate = await authorize(ctx, args);
@@ -194,13 +231,54 @@ export const putDocs = mutation({
       return { ok: false as const, reason: "doc_too_large" };
     }
     const now = Date.now();
+    if (args.partial) {
+      const { commit, endedStep } = args;
+      if (commit === undefined || !SHA.test(commit)) return { ok: false as const, reason: "invalid_commit" };
+      if (args.docs.some((d) => d.path === undefined || !PATH.test(d.path))) {
+        return { ok: false as const, reason: "invalid_doc" };
+      }
+      if (endedStep !== undefined && !STEPS.has(endedStep)) return { ok: false as const, reason: "invalid_step" };
+      const previous = run.checkpoint;
+      const sameCommit = previous?.commit === commit;
+      let files = sameCommit ? previous.files : 0;
+      for (const d of args.docs) {
+        const path = d.path!;
+        const existing = await ctx.db
+          .query("checkpointFiles")
+          .withIndex("by_run_commit_path", (q) => q.eq("runId", run._id).eq("commit", commit).eq("path", path))
+          .unique();
+        const row = { runId: run._id, commit, path, content: d.content, attempt: run.attempt, updatedAt: now };
+        if (existing) await ctx.db.replace(existing._id, row);
+        else {
+          await ctx.db.insert("checkpointFiles", row);
+          files++;
+        }
+      }
+      const ended = sameCommit ? [...previous.ended] : [];
+      if (endedStep !== undefined && !ended.includes(endedStep)) ended.push(endedStep);
+      const config = await getConfig(ctx);
+      await ctx.db.patch(lease._id, { leaseUntil: now + config.leaseMs });
+      await ctx.db.patch(run._id, { checkpoint: { commit, attempt: run.attempt, ended, files }, updatedAt: now });
+      // Another commit: this attempt runs in full; the old commit's files go in the background.
+      if (previous !== undefined && !sameCommit) {
+        await ctx.scheduler.runAfter(0, internal.docs.dropCheckpoint, { runId: run._id, keepCommit: commit });
+      }
+      await emit(ctx, run, {
+        kind: "partialDocs",
+        docs: args.docs,
+        commit,
+        ...(endedStep === undefined ? {} : { stepEnded: endedStep }),
+      });
+      return { ok: true as const, stored: args.docs.length };
+    }
     let added = 0;
     for (const d of args.docs) {
       const existing = await ctx.db
         .query("docs")
         .withIndex("by_run_attempt_slug", (q) => q.eq("runId", run._id).eq("attempt", run.attempt).eq("slug", d.slug))
         .unique();
-      const row = { ...d, runId: run._id, attempt: run.attempt, order: docOrder(d), updatedAt: now };
+      const { path: _path, ...fields } = d; // a final doc is keyed by slug, not by path
+      const row = { ...fields, runId: run._id, attempt: run.attempt, order: docOrder(d), updatedAt: now };
       if (existing) await ctx.db.replace(existing._id, row);
       else {
         await ctx.db.insert("docs", row);
@@ -242,6 +320,11 @@ export const complete = mutation({
     });
     await ctx.db.patch(lease._id, { leaseUntil: undefined });
     await emit(ctx, run, { kind: "completed", docsCount: args.docsCount, durationMs: args.durationMs });
+    // The final docs replace the checkpoint: no attempt will resume from it.
+    if (run.checkpoint !== undefined) {
+      await ctx.db.patch(run._id, { checkpoint: undefined });
+      await ctx.scheduler.runAfter(0, internal.docs.dropCheckpoint, { runId: run._id });
+    }
     // Only this attempt's docs belong to the course; earlier ones go in the background, in
     // batches (a few 900 KB docs per transaction).
     if (run.attempt > 1) await scheduleDocsCleanup(ctx, run._id, run.attempt);
@@ -277,5 +360,50 @@ export const fail = mutation({
       await finishRun(ctx, run, lease, "failed", error, `failed: ${error.message}`);
     }
     return { ok: true as const };
+  },
+});
+
+/** Files of a checkpoint fetched per page: a few files of up to 1 MiB per call keep every
+ * answer far below Convex's limits on a function's result and a transaction's reads. */
+export const CHECKPOINT_PAGE = 8;
+
+/**
+ * The checkpoint's files in pages (path order), for the attempt that claimed the run: `after`
+ * is the last path of the previous page. Only the claiming attempt gets them (the gate).
+ */
+export const checkpointPage = mutation({
+  args: { ...callbackAuth, after: v.optional(v.string()) },
+  returns: v.union(
+    v.object({
+      ok: v.literal(true),
+      commit: v.string(),
+      files: v.array(v.object({ path: v.string(), content: v.string() })),
+      next: v.union(v.string(), v.null()),
+    }),
+    vRefusal,
+  ),
+  handler: async (ctx, args) => {
+    const gate = await authorize(ctx, args);
+    if ("refusal" in gate) return gate.refusal;
+    const { run } = gate;
+    const refusal = runningRefusal(run, args.workerId);
+    if (refusal) return refusal;
+    const cp = run.checkpoint;
+    if (cp === undefined) return { ok: false as const, reason: "no_checkpoint" };
+    const { after } = args;
+    const rows = await ctx.db
+      .query("checkpointFiles")
+      .withIndex("by_run_commit_path", (q) => {
+        const same = q.eq("runId", run._id).eq("commit", cp.commit);
+        return after === undefined ? same : same.gt("path", after);
+      })
+      .take(CHECKPOINT_PAGE + 1);
+    const page = rows.slice(0, CHECKPOINT_PAGE);
+    return {
+      ok: true as const,
+      commit: cp.commit,
+      files: page.map((f) => ({ path: f.path, content: f.content })),
+      next: rows.length > CHECKPOINT_PAGE ? page.at(-1)!.path : null,
+    };
   },
 });
