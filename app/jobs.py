@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Mapping
 
 from app.adapters import git
+from app.adapters.repo_cache import RepoCache
 from app.adapters.store import JobReporter
 from app.clock import Clock
 from app.config import Settings
@@ -73,6 +74,7 @@ class JobManager:
                 allow_private=settings.allow_private_networks,
             ),
             sandbox=CliSandbox.from_settings(settings),
+            repo_cache=RepoCache.from_settings(settings),
         )
         self._running: dict[str, RunState] = {}
         self._draining = False

@@ -112,8 +112,14 @@ class RepoCache:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RepoCache | None:
-        """The configured cache, or None when it is off (REPO_CACHE_MAX_BYTES=0)."""
+        """The configured cache, or None when it is off: REPO_CACHE_MAX_BYTES=0, or the CLI
+        runs as the worker's own user (no CLI_USER). Mirrors outlive their jobs, private
+        repositories included; a CLI of the worker's uid could read every mirror, and race
+        the mirror's FETCH_HEAD. With CLI_USER the cache directory is the worker's alone."""
         if settings.repo_cache_max_bytes <= 0:
+            return None
+        if settings.cli_user is None:
+            log.info("repository cache off: CLI_USER is not set (see docs/SECURITY.md)")
             return None
         return cls(settings.repo_cache_dir, settings.repo_cache_max_bytes)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from app.adapters.repo_cache import RepoCache
 from app.adapters.store import JobReporter
 from app.checkpoint import promised_floor
 from app.clock import Clock
@@ -61,6 +62,7 @@ class RunnerDeps:
     redactor: Redactor
     policy: UrlPolicy
     sandbox: CliSandbox = field(default_factory=CliSandbox)
+    repo_cache: RepoCache | None = None  # None: every clone goes to the git host
 
     @property
     def term_grace_s(self) -> float:

@@ -56,6 +56,7 @@ async def clone(attempt: Attempt, inp: CloneInput) -> git.CloneResult:
                 max_bytes=deps.settings.clone_max_bytes,
                 max_entries=deps.settings.clone_max_files,
                 addresses=target.addresses,  # git connects to what was checked, no new lookup
+                cache=deps.repo_cache,
             ),
             holds_token=bool(attempt.clone_token),
         )

@@ -53,10 +53,17 @@ def test_normalized_url_keys_one_repository_per_spelling() -> None:
 
 
 def test_off_with_one_setting(tmp_path: Path) -> None:
-    on = load_settings({"DATA_DIR": str(tmp_path)})
+    on = load_settings({"DATA_DIR": str(tmp_path), "CLI_USER": "nobody"})
     cache = RepoCache.from_settings(on)
     assert cache is not None and cache.root == tmp_path / "repo-cache"
-    assert RepoCache.from_settings(load_settings({"REPO_CACHE_MAX_BYTES": "0"})) is None
+    off = {"REPO_CACHE_MAX_BYTES": "0", "CLI_USER": "nobody"}
+    assert RepoCache.from_settings(load_settings(off)) is None
+
+
+def test_off_while_the_cli_runs_as_the_workers_user(tmp_path: Path) -> None:
+    """Mirrors outlive their jobs (private repositories too): a CLI of the worker's uid could
+    read every one of them, so the cache needs CLI_USER."""
+    assert RepoCache.from_settings(load_settings({"DATA_DIR": str(tmp_path)})) is None
 
 
 async def test_first_clone_is_direct_and_fills_the_mirror_after(

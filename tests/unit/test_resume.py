@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -440,3 +441,28 @@ async def test_restored_files_belong_to_the_cli_user(tmp_path: Path, repo: Path)
     CliSandbox(run_as=RunAs(65534, 65534)).prepare(ws.root, ws.repo_dir, ws.out_dir, {})
     owners = {p.lstat().st_uid for p in ws.out_dir.rglob("*")}
     assert owners == {65534}
+
+
+async def test_the_clone_phase_goes_through_the_repository_cache(
+    tmp_path: Path, git_server: tuple[Path, GitHttpServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With CLI_USER the job manager's cache reaches the clone phase: the second clone of a
+    repository is made from its mirror."""
+    from dataclasses import replace
+
+    from app.adapters.repo_cache import RepoCache
+
+    root, server = git_server
+    caplog.set_level(logging.INFO, logger="fondation.repo_cache")
+    settings = load_settings({"DATA_DIR": str(tmp_path), "CLI_USER": "nobody"})
+    configured = RepoCache.from_settings(settings)
+    assert configured is not None
+    cache = replace(configured, min_clone_bytes=0, fill_delay_s=0)  # a tiny repository
+    for n in (1, 2):
+        attempt = attempt_for(tmp_path / f"a{n}")
+        attempt.deps = replace(attempt.deps, repo_cache=cache)
+        inp = clone.CloneInput(server.url_for("demo"), "main", attempt.workspace.repo_dir)
+        result = await clone.clone(attempt, inp)
+        assert result.commit == rev_parse(root / "demo.git", "main")
+        await asyncio.to_thread(cache.settle, 30)
+    assert "cloned through the repository cache" in caplog.text
