@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -27,7 +27,8 @@ from scaleway.jobs.v1alpha2.types import (
 )
 from scaleway_core.client import Client
 
-from deploy.scaleway import Captured, DeployError, jsonable
+from deploy.recording import RecordingMixin, capture, dry_run_client
+from deploy.scaleway import DeployError, seconds
 
 # tini stays PID 1, as in the image's ENTRYPOINT: it forwards the run's SIGTERM to run-one
 # (which reports the attempt interrupted) and reaps what the CLI leaves behind.
@@ -145,13 +146,6 @@ class JobDefinitionSpec:
         ]
 
 
-def _timeout_s(value: str | None) -> float | None:
-    if value is None:
-        return None
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)s?\s*", str(value))
-    return float(match.group(1)) if match else None
-
-
 def differences(current: JobDefinition, spec: JobDefinitionSpec) -> list[str]:
     """Names of the settings that differ; empty means the definition matches the spec."""
     retries = current.retry_policy.max_retries if current.retry_policy is not None else None
@@ -164,7 +158,7 @@ def differences(current: JobDefinition, spec: JobDefinitionSpec) -> list[str]:
         ("args", list(current.args or []), list(ARGS)),
         ("environment_variables", dict(current.environment_variables or {}), spec.env_dict),
         ("description", current.description, spec.description),
-        ("job_timeout", _timeout_s(current.job_timeout), float(spec.timeout_s)),
+        ("job_timeout", seconds(current.job_timeout), float(spec.timeout_s)),
         ("retry_policy", retries or 0, 0),
     ]
     return [name for name, have, want in pairs if have != want]
@@ -250,37 +244,17 @@ class JobsDeployer:
         return bool(stale or missing)
 
 
-class _RecordingJobsAPI(JobsV1Alpha2API):  # type: ignore[misc]
-    """The SDK's jobs API with `_request` recording instead of sending (see `_RecordingAPI`)."""
+class _RecordingJobsAPI(RecordingMixin, JobsV1Alpha2API):  # type: ignore[misc]
+    """The SDK's jobs API, recording instead of sending (`deploy.recording`)."""
 
     def __init__(self, client: Client) -> None:
         super().__init__(client, bypass_validation=True)
-        self.recorded: list[dict[str, Any]] = []
-
-    def _request(
-        self,
-        method: str,
-        path: str,
-        params: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-        body: Any = None,
-    ) -> Any:
-        entry: dict[str, Any] = {"method": method.upper(), "path": path}
-        query = {k: v for k, v in (params or {}).items() if v is not None}
-        if query:
-            entry["query"] = query
-        if body is not None:
-            entry["body"] = body
-        self.recorded.append(entry)
-        raise Captured
+        self.recorded = []
 
 
 def plan(spec: JobDefinitionSpec, project_id: str | None) -> dict[str, Any]:
     """The job definition requests a real run makes, each with its condition; no network."""
-    client = Client(
-        default_project_id=project_id or "<SCW_DEFAULT_PROJECT_ID>", default_region=spec.region
-    )
-    api = _RecordingJobsAPI(client)
+    api = _RecordingJobsAPI(dry_run_client(project_id, spec.region))
     d_id, s_id = "<job definition id>", "<secret reference id>"
     calls: list[tuple[str, Callable[[], object]]] = [
         (
@@ -314,14 +288,8 @@ def plan(spec: JobDefinitionSpec, project_id: str | None) -> dict[str, Any]:
             ),
         ),
     ]
-    requests: list[dict[str, Any]] = []
-    for when, call in calls:
-        try:
-            call()
-        except Captured:
-            requests.append({"when": when, **api.recorded[-1]})
     return {
         "api": "Serverless Jobs v1alpha2 (scaleway.jobs.v1alpha2)",
         "name": spec.name,
-        "requests": jsonable(requests),
+        "requests": capture(api, calls),
     }
