@@ -200,13 +200,17 @@ export const DEFAULT_CONFIG: Config = {
   sweepIntervalMs: 10_000,
 };
 
-/** A run as the host sees it (`status`): never a token. */
-export const vRunView = v.object({
-  runId: v.string(),
+/**
+ * The fields of a run the host may see: the `runs` table (schema.ts) spreads them and adds its
+ * own (options, claim and dispatch times, checkpoint, onEvent, boardStatus), and `vRunView`
+ * adds the id. Never a token.
+ */
+export const runViewFields = {
   status: vRunStatus,
   repositoryUrl: v.string(),
   ref: v.optional(v.string()),
   priority: v.number(),
+  /** Current attempt number, from 1. A new number (and a new token) for every retry. */
   attempt: v.number(),
   maxAttempts: v.number(),
   currentStep: v.number(),
@@ -216,7 +220,9 @@ export const vRunView = v.object({
   message: v.string(),
   storedDocs: v.number(),
   docsCount: v.number(),
+  /** Set when the run ends failed/dead/canceled with a reason. */
   error: v.optional(vRunError),
+  /** Why the previous attempt ended, while a retry is pending or running. */
   lastError: v.optional(vRunError),
   result: v.optional(v.object({ docsCount: v.number(), durationMs: v.number() })),
   claimedBy: v.optional(v.string()),
@@ -225,7 +231,10 @@ export const vRunView = v.object({
   createdAt: v.number(),
   updatedAt: v.number(),
   finishedAt: v.optional(v.number()),
-});
+};
+
+/** A run as the host sees it (`status`): never a token. */
+export const vRunView = v.object({ runId: v.string(), ...runViewFields });
 export type RunView = Infer<typeof vRunView>;
 
 export const vDocView = v.object({
