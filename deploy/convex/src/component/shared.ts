@@ -141,6 +141,61 @@ export const callbackAuth = {
 export const vRefusal = v.object({ ok: v.literal(false), reason: v.string() });
 export type Refusal = Infer<typeof vRefusal>;
 
+const vOk = v.object({ ok: v.literal(true) });
+
+/**
+ * Arguments and results of the worker callbacks the host re-exports unchanged: the component
+ * registers them (worker.ts) and the client's `workerApi` exposes them, from this one definition
+ * so the two cannot drift. (`claim` differs: the host adds the clone token.)
+ */
+export const workerCallbacks = {
+  /** Step change and heartbeat. */
+  progress: {
+    args: {
+      ...callbackAuth,
+      seq: v.number(),
+      status: vRunningPhase,
+      currentStep: v.number(),
+      totalSteps: v.number(),
+      message: v.string(),
+      logs: v.optional(v.array(v.string())),
+      /** The commit SHA the attempt cloned, once known: the run records it. */
+      commit: v.optional(v.string()),
+    },
+    returns: v.union(v.object({ ok: v.literal(true), stale: v.optional(v.literal(true)) }), vRefusal),
+  },
+  putDocs: {
+    args: {
+      ...callbackAuth,
+      docs: v.array(vDocInput),
+      partial: v.optional(v.boolean()),
+      commit: v.optional(v.string()),
+      endedStep: v.optional(v.string()),
+    },
+    returns: v.union(v.object({ ok: v.literal(true), stored: v.number() }), vRefusal),
+  },
+  complete: {
+    args: { ...callbackAuth, docsCount: v.number(), durationMs: v.number() },
+    returns: v.union(vOk, vRefusal),
+  },
+  fail: {
+    args: { ...callbackAuth, code: vFailureCode, message: v.string(), retryable: v.boolean() },
+    returns: v.union(vOk, vRefusal),
+  },
+  checkpointPage: {
+    args: { ...callbackAuth, after: v.optional(v.string()) },
+    returns: v.union(
+      v.object({
+        ok: v.literal(true),
+        commit: v.string(),
+        files: v.array(v.object({ path: v.string(), content: v.string() })),
+        next: v.union(v.string(), v.null()),
+      }),
+      vRefusal,
+    ),
+  },
+};
+
 /** Which runner holds an attempt: the warm worker (webhook) or a Serverless Jobs run. */
 export const vRunner = v.union(v.literal("warm"), v.literal("run"));
 export type Runner = Infer<typeof vRunner>;

@@ -31,10 +31,8 @@ import {
   isRunning,
   phaseIndex,
   vCheckpointInfo,
-  vDocInput,
-  vFailureCode,
   vRefusal,
-  vRunningPhase,
+  workerCallbacks,
   type Refusal,
 } from "./shared.js";
 
@@ -91,8 +89,6 @@ function runningRefusal(run: Run, workerId: string): Refusal | null {
   return null;
 }
 
-const ok = v.object({ ok: v.literal(true) });
-
 /** First call of an attempt: the worker takes the run. Idempotent for the same worker.
  * Returns what the host's `cloneToken` function needs; the host's re-export adds the token. */
 export const claim = mutation({
@@ -137,18 +133,7 @@ export const claim = mutation({
 
 /** Step change and heartbeat. A stale `seq` is acknowledged and ignored. */
 export const progress = mutation({
-  args: {
-    ...callbackAuth,
-    seq: v.number(),
-    status: vRunningPhase,
-    currentStep: v.number(),
-    totalSteps: v.number(),
-    message: v.string(),
-    logs: v.optional(v.array(v.string())),
-    /** The commit SHA the attempt cloned, once known: the run records it. */
-    commit: v.optional(v.string()),
-  },
-  returns: v.union(v.object({ ok: v.literal(true), stale: v.optional(v.literal(true)) }), vRefusal),
+  ...workerCallbacks.progress,
   handler: async (ctx, args) => {
     const gate = await authorize(ctx, args);
     if ("refusal" in gate) return gate.refusal;
@@ -208,14 +193,7 @@ export const progress = mutation({
  * shown to the host (`partialDocs` event); `endedStep` (on a step's last batch) joins the
  * checkpoint's ended steps. */
 export const putDocs = mutation({
-  args: {
-    ...callbackAuth,
-    docs: v.array(vDocInput),
-    partial: v.optional(v.boolean()),
-    commit: v.optional(v.string()),
-    endedStep: v.optional(v.string()),
-  },
-  returns: v.union(v.object({ ok: v.literal(true), stored: v.number() }), vRefusal),
+  ...workerCallbacks.putDocs,
   handler: async (ctx, args) => {
     const gate = await authorize(ctx, args);
     if ("refusal" in gate) return gate.refusal;
@@ -298,8 +276,7 @@ export const putDocs = mutation({
 
 /** Success. Repeating it is harmless. Frees the slot. */
 export const complete = mutation({
-  args: { ...callbackAuth, docsCount: v.number(), durationMs: v.number() },
-  returns: v.union(ok, vRefusal),
+  ...workerCallbacks.complete,
   handler: async (ctx, args) => {
     const gate = await authorize(ctx, args);
     if ("refusal" in gate) return gate.refusal;
@@ -335,8 +312,7 @@ export const complete = mutation({
 
 /** Failure. Retryable failures start the next attempt (at once for `interrupted`). */
 export const fail = mutation({
-  args: { ...callbackAuth, code: vFailureCode, message: v.string(), retryable: v.boolean() },
-  returns: v.union(ok, vRefusal),
+  ...workerCallbacks.fail,
   handler: async (ctx, args) => {
     const gate = await authorize(ctx, args);
     if ("refusal" in gate) {
@@ -372,16 +348,7 @@ export const CHECKPOINT_PAGE = 8;
  * is the last path of the previous page. Only the claiming attempt gets them (the gate).
  */
 export const checkpointPage = mutation({
-  args: { ...callbackAuth, after: v.optional(v.string()) },
-  returns: v.union(
-    v.object({
-      ok: v.literal(true),
-      commit: v.string(),
-      files: v.array(v.object({ path: v.string(), content: v.string() })),
-      next: v.union(v.string(), v.null()),
-    }),
-    vRefusal,
-  ),
+  ...workerCallbacks.checkpointPage,
   handler: async (ctx, args) => {
     const gate = await authorize(ctx, args);
     if ("refusal" in gate) return gate.refusal;
