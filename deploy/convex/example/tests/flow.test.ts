@@ -1,5 +1,5 @@
 import { Webhook } from "standardwebhooks";
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+import { describe, expect, it } from "vitest";
 import {
   SECRET,
   api,
@@ -12,19 +12,11 @@ import {
   newT,
   run,
   settle,
-  setupEnv,
   table,
+  useFakeHost,
 } from "./helpers";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv();
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
+useFakeHost();
 
 const doc = (slug: string, kind: "yaml" | "chapter" | "tutorial", chapterIndex: number | null) => ({
   slug,
