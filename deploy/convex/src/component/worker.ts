@@ -89,6 +89,17 @@ function runningRefusal(run: Run, workerId: string): Refusal | null {
   return null;
 }
 
+/** The gate, then `runningRefusal`: what every callback of a claimed, running attempt checks. */
+async function authorizeRunning(
+  ctx: QueryCtx,
+  args: { jobId: string; attempt: number; callbackToken: string; workerId: string },
+): Promise<{ run: Run; lease: Lease } | { refusal: Refusal }> {
+  const gate = await authorize(ctx, args);
+  if ("refusal" in gate) return { refusal: gate.refusal };
+  const refusal = runningRefusal(gate.run, args.workerId);
+  return refusal ? { refusal } : gate;
+}
+
 /** First call of an attempt: the worker takes the run. Idempotent for the same worker.
  * Returns what the host's `cloneToken` function needs; the host's re-export adds the token. */
 export const claim = mutation({
@@ -135,11 +146,9 @@ export const claim = mutation({
 export const progress = mutation({
   ...workerCallbacks.progress,
   handler: async (ctx, args) => {
-    const gate = await authorize(ctx, args);
+    const gate = await authorizeRunning(ctx, args);
     if ("refusal" in gate) return gate.refusal;
     const { run, lease } = gate;
-    const refusal = runningRefusal(run, args.workerId);
-    if (refusal) return refusal;
     if (args.seq <= lease.lastSeq) return { ok: true as const, stale: true as const };
     if (phaseIndex(args.status) < phaseIndex(run.status)) return { ok: false as const, reason: "invalid_transition" };
     const now = Date.now();
@@ -195,11 +204,9 @@ export const progress = mutation({
 export const putDocs = mutation({
   ...workerCallbacks.putDocs,
   handler: async (ctx, args) => {
-    const gate = await authorize(ctx, args);
+    const gate = await authorizeRunning(ctx, args);
     if ("refusal" in gate) return gate.refusal;
     const { run, lease } = gate;
-    const refusal = runningRefusal(run, args.workerId);
-    if (refusal) return refusal;
     if (args.docs.some((d) => d.slug.trim() === "" || d.slug.length > 512 || d.title.length > 2_000)) {
       return { ok: false as const, reason: "invalid_doc" };
     }
@@ -350,11 +357,9 @@ export const CHECKPOINT_PAGE = 8;
 export const checkpointPage = mutation({
   ...workerCallbacks.checkpointPage,
   handler: async (ctx, args) => {
-    const gate = await authorize(ctx, args);
+    const gate = await authorizeRunning(ctx, args);
     if ("refusal" in gate) return gate.refusal;
     const { run } = gate;
-    const refusal = runningRefusal(run, args.workerId);
-    if (refusal) return refusal;
     const cp = run.checkpoint;
     if (cp === undefined) return { ok: false as const, reason: "no_checkpoint" };
     const { after } = args;
