@@ -1,19 +1,6 @@
 /** The worker's callbacks through the host's re-exports: the gate, leases, clone tokens. */
 import { describe, expect, it, vi } from "vitest";
-import {
-  api,
-  createJob,
-  creds,
-  fakeWorker,
-  hostJob,
-  inComponent,
-  newT,
-  run,
-  settle,
-  table,
-  useFakeHost,
-  type T,
-} from "./helpers";
+import { api, createJob, creds, fakeWorker, hostJob, inComponent, newT, run, settle, table, useFakeHost, type T } from "./helpers";
 
 useFakeHost();
 

@@ -1,20 +1,6 @@
 import { Webhook } from "standardwebhooks";
 import { describe, expect, it } from "vitest";
-import {
-  SECRET,
-  api,
-  createJob,
-  creds,
-  fakeWorker,
-  hostJob,
-  internal,
-  lease,
-  newT,
-  run,
-  settle,
-  table,
-  useFakeHost,
-} from "./helpers";
+import { SECRET, api, createJob, creds, fakeWorker, hostJob, internal, lease, newT, run, settle, table, useFakeHost } from "./helpers";
 
 useFakeHost();
 

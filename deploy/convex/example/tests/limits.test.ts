@@ -1,19 +1,6 @@
 /** Transaction limits (convex-test `transactionLimits: true`): big docs, batched deletion. */
 import { describe, expect, it } from "vitest";
-import {
-  api,
-  createJob,
-  creds,
-  fakeWorker,
-  hostJob,
-  inComponent,
-  internal,
-  newT,
-  run,
-  settle,
-  useFakeHost,
-  type T,
-} from "./helpers";
+import { api, createJob, creds, fakeWorker, hostJob, inComponent, internal, newT, run, settle, useFakeHost, type T } from "./helpers";
 
 useFakeHost();
 

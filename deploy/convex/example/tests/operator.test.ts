@@ -1,21 +1,6 @@
 /** The operator's board functions (docs/BOARD.md), through the host's `operatorApi()` re-exports. */
 import { describe, expect, it, vi } from "vitest";
-import {
-  api,
-  createJob,
-  creds,
-  fakeWorker,
-  hostJob,
-  inComponent,
-  internal,
-  newT,
-  run,
-  settle,
-  setupEnv,
-  table,
-  useFakeHost,
-  type T,
-} from "./helpers";
+import { api, createJob, creds, fakeWorker, hostJob, inComponent, internal, newT, run, settle, setupEnv, table, useFakeHost, type T } from "./helpers";
 
 const BOARD = "board-secret-shared-with-the-worker";
 const WRONG = "board-secret-shared-with-the-workeR";

@@ -1,20 +1,6 @@
 /** The queue: retries with backoff, cancel, lease expiry, concurrency, priority. */
 import { describe, expect, it, vi } from "vitest";
-import {
-  api,
-  createJob,
-  creds,
-  fakeWorker,
-  hostJob,
-  internal,
-  lease,
-  newT,
-  problem,
-  run,
-  settle,
-  table,
-  useFakeHost,
-} from "./helpers";
+import { api, createJob, creds, fakeWorker, hostJob, internal, lease, newT, problem, run, settle, table, useFakeHost } from "./helpers";
 
 useFakeHost();
 

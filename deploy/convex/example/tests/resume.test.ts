@@ -4,20 +4,7 @@
  * it (the files in pages).
  */
 import { describe, expect, it } from "vitest";
-import {
-  api,
-  createJob,
-  creds,
-  fakeWorker,
-  hostJob,
-  internal,
-  newT,
-  run,
-  settle,
-  setupEnv,
-  table,
-  useFakeHost,
-} from "./helpers";
+import { api, createJob, creds, fakeWorker, hostJob, internal, newT, run, settle, setupEnv, table, useFakeHost } from "./helpers";
 
 useFakeHost();
 
