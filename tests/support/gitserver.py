@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
@@ -246,6 +247,10 @@ class GitHttpServer:
     userinfo-looking text.
     """
 
+    # Fault tests subclass the server with their own request handler (or server class).
+    handler_class: type[BaseHTTPRequestHandler] = _Handler
+    server_class: type[_Server] = _Server
+
     def __init__(
         self,
         root: Path,
@@ -268,8 +273,8 @@ class GitHttpServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> GitHttpServer:
-        httpd = _Server((self.host, self._bind_port), _Handler)
+    def start(self) -> Self:
+        httpd = self.server_class((self.host, self._bind_port), self.handler_class)
         httpd.owner = self
         self._httpd = httpd
         self._thread = threading.Thread(
@@ -287,7 +292,7 @@ class GitHttpServer:
         self._httpd = None
         self._thread = None
 
-    def __enter__(self) -> GitHttpServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
