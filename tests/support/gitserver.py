@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import os
 import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -402,3 +403,11 @@ class StallingServer:
 def gzip_body(data: bytes) -> bytes:
     """Helper for tests that post gzip-encoded bodies to the server by hand."""
     return gzip.compress(data)
+
+
+@contextlib.contextmanager
+def serve_new_root(root: Path) -> Iterator[tuple[Path, GitHttpServer]]:
+    """Create the empty folder `root` and serve it: tests add repositories as they go."""
+    root.mkdir()
+    with GitHttpServer(root) as server:
+        yield root, server
