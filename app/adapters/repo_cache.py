@@ -71,6 +71,18 @@ log = logging.getLogger("fondation.repo_cache")
 
 _LOCK_POLL_S = 0.02
 _FILL_NICE = 10
+# A shallow fetch of one commit: no tags, no submodules, no commit-graph to write; what
+# follows `--` is the source and the refspec.
+_FETCH_ONE_COMMIT = (
+    "fetch",
+    "--quiet",
+    "--depth",
+    "1",
+    "--no-tags",
+    "--no-recurse-submodules",
+    "--no-write-commit-graph",
+    "--",
+)
 _CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = {bare}\n"
 # Files a hostile process could plant in a mirror to steer the next git run in it.
 _PLANTABLE = ("objects/info/alternates", "objects/info/http-alternates", "info/grafts", "commondir")
@@ -287,14 +299,7 @@ class RepoCache:
             self._git(
                 [
                     f"--git-dir={mirror}",
-                    "fetch",
-                    "--quiet",
-                    "--depth",
-                    "1",
-                    "--no-tags",
-                    "--no-recurse-submodules",
-                    "--no-write-commit-graph",
-                    "--",
+                    *_FETCH_ONE_COMMIT,
                     url,
                     f"+{target}:{pin}",
                 ],
@@ -330,14 +335,7 @@ class RepoCache:
             _init(dest / ".git", bare=False)
             self._git(
                 [
-                    "fetch",
-                    "--quiet",
-                    "--depth",
-                    "1",
-                    "--no-tags",
-                    "--no-recurse-submodules",
-                    "--no-write-commit-graph",
-                    "--",
+                    *_FETCH_ONE_COMMIT,
                     mirror.as_uri(),
                     commit,
                 ],
