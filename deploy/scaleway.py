@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TextIO, TypeVar
+from typing import Any, Generic, TextIO, TypeVar
 
 from scaleway.container.v1 import ContainerV1API
 from scaleway.container.v1.types import (
@@ -64,6 +64,8 @@ NS_TRANSIENT = frozenset(
     }
 )
 T = TypeVar("T")
+ApiT = TypeVar("ApiT")
+SpecT = TypeVar("SpecT")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -468,16 +470,29 @@ def make_client(env: Mapping[str, str], region: str | None) -> Client:
     return client
 
 
-class Deployer:
-    """Find by exact name, create or update, wait, and judge the final status."""
+class BaseDeployer(Generic[ApiT, SpecT]):
+    """What the container and the job definition deployers share: an SDK API, a spec, and
+    progress lines for the operator (stdout unless `out`)."""
 
-    def __init__(self, api: ContainerV1API, spec: DeploySpec, out: TextIO | None = None) -> None:
+    def __init__(self, api: ApiT, spec: SpecT, out: TextIO | None = None) -> None:
         self.api = api
         self.spec = spec
         self.out = out
 
     def say(self, message: str) -> None:
         print(message, file=self.out or sys.stdout, flush=True)
+
+
+def at_most_one(found: list[T], several: str) -> T | None:
+    """The one resource an exact-name lookup found, or None; more than one is an error for the
+    operator (`several`): the deploy never guesses which one is meant."""
+    if len(found) > 1:
+        raise DeployError(several)
+    return found[0] if found else None
+
+
+class Deployer(BaseDeployer[ContainerV1API, DeploySpec]):
+    """Find by exact name, create or update, wait, and judge the final status."""
 
     def find_namespace(self) -> Namespace | None:
         found = [
@@ -487,10 +502,8 @@ class Deployer:
             )
             if ns.name == self.spec.namespace
         ]
-        if len(found) > 1:
-            ids = ", ".join(ns.id for ns in found)
-            raise DeployError(f"several namespaces are named {self.spec.namespace!r}: {ids}")
-        return found[0] if found else None
+        ids = ", ".join(ns.id for ns in found)
+        return at_most_one(found, f"several namespaces are named {self.spec.namespace!r}: {ids}")
 
     def find_container(self, namespace_id: str) -> Container | None:
         found = [
@@ -500,9 +513,7 @@ class Deployer:
             )
             if c.name == self.spec.container and c.namespace_id == namespace_id
         ]
-        if len(found) > 1:
-            raise DeployError(f"several containers are named {self.spec.container!r}")
-        return found[0] if found else None
+        return at_most_one(found, f"several containers are named {self.spec.container!r}")
 
     def ensure_namespace(self) -> Namespace:
         namespace = self.find_namespace()

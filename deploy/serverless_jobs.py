@@ -12,10 +12,9 @@ at least, which `run-one` needs to verify its message). Scaleway's own retries a
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 from scaleway.jobs.v1alpha2 import JobsV1Alpha2API
 from scaleway.jobs.v1alpha2.types import (
@@ -28,7 +27,7 @@ from scaleway.jobs.v1alpha2.types import (
 from scaleway_core.client import Client
 
 from deploy.recording import RecordingMixin, capture, dry_run_client
-from deploy.scaleway import DeployError, seconds
+from deploy.scaleway import BaseDeployer, DeployError, at_most_one, seconds
 
 # tini stays PID 1, as in the image's ENTRYPOINT: it forwards the run's SIGTERM to run-one
 # (which reports the attempt interrupted) and reaps what the CLI leaves behind.
@@ -176,16 +175,8 @@ class JobsOutcome:
     definition: JobDefinition
 
 
-class JobsDeployer:
+class JobsDeployer(BaseDeployer[JobsV1Alpha2API, JobDefinitionSpec]):
     """Find the definition by exact name, create or update it, then align its secret refs."""
-
-    def __init__(self, api: JobsV1Alpha2API, spec: JobDefinitionSpec, out: TextIO | None = None):
-        self.api = api
-        self.spec = spec
-        self.out = out
-
-    def say(self, message: str) -> None:
-        print(message, file=self.out or sys.stdout, flush=True)
 
     def find(self) -> JobDefinition | None:
         # The list call has no name filter: read every page, compare names exactly.
@@ -194,10 +185,8 @@ class JobsDeployer:
             for d in self.api.list_job_definitions_all(region=self.spec.region)
             if d.name == self.spec.name
         ]
-        if len(found) > 1:
-            ids = ", ".join(d.id for d in found)
-            raise DeployError(f"several job definitions are named {self.spec.name!r}: {ids}")
-        return found[0] if found else None
+        ids = ", ".join(d.id for d in found)
+        return at_most_one(found, f"several job definitions are named {self.spec.name!r}: {ids}")
 
     def run(self) -> JobsOutcome:
         spec = self.spec
