@@ -40,6 +40,7 @@ __all__ = [
     "headers_for",
     "machine",
     "percentile",
+    "running",
     "start_body",
     "start_worker",
     "wait_for",
@@ -142,7 +143,18 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str, step_s: flo
 def start_worker(tmp: Path, *, kill: bool = False, **env: Any) -> Iterator[WorkerProcess]:
     """A real worker process (tests/support/worker.py) with the benchmark's settings."""
     settings = {"LOG_LEVEL": "INFO", "SHUTDOWN_GRACE_S": "8", **env}
-    w = WorkerProcess(base_env(tmp, **settings), tmp / "worker.log")
+    with running(WorkerProcess(base_env(tmp, **settings), tmp / "worker.log"), kill=kill) as w:
+        yield w
+
+
+@contextlib.contextmanager
+def running(
+    w: WorkerProcess,
+    *,
+    kill: bool = False,
+    ignore: tuple[type[BaseException], ...] = (subprocess.TimeoutExpired,),
+) -> Iterator[WorkerProcess]:
+    """Start `w` (a failed start is a BenchError), then kill it or stop it, ignoring `ignore`."""
     try:
         w.start()
     except RuntimeError as exc:
@@ -153,7 +165,7 @@ def start_worker(tmp: Path, *, kill: bool = False, **env: Any) -> Iterator[Worke
         if kill:
             w.kill()
         else:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            with contextlib.suppress(*ignore):
                 w.stop(timeout_s=30)
 
 

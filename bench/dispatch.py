@@ -46,6 +46,7 @@ from bench.common import (
     free_port,
     headers_for,
     median,
+    running,
     start_body,
     wait_for,
 )
@@ -95,15 +96,8 @@ def _worker(tmp: Path, port: int, **env: str) -> Iterator[WorkerProcess]:
     w = WorkerProcess(base_env(tmp, LOG_LEVEL="INFO", **env), tmp / "worker.log")
     w.port, w.url = port, f"http://127.0.0.1:{port}"
     w.env["PORT"] = str(port)
-    try:
-        w.start()
-    except RuntimeError as exc:
-        raise BenchError(str(exc)) from None
-    try:
+    with running(w, ignore=(Exception,)):
         yield w
-    finally:
-        with contextlib.suppress(Exception):
-            w.stop(timeout_s=30)
 
 
 def _measure(

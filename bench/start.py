@@ -48,6 +48,7 @@ from bench.common import (
     bench_dir,
     median,
     post_job,
+    running,
     wait_for,
 )
 from bench.dispatch import POLL_INTERVAL_S, _command, _stamps
@@ -92,15 +93,8 @@ def worker(tmp: Path, stamp: Path, *, cached: bool) -> Iterator[WorkerProcess]:
     w = WorkerProcess(env, tmp / "worker.log")
     if cached:
         w.argv = [PY, "-m", "bench.cached_worker"]
-    try:
-        w.start()
-    except RuntimeError as exc:
-        raise BenchError(str(exc)) from None
-    try:
+    with running(w, ignore=(Exception,)):
         yield w
-    finally:
-        with contextlib.suppress(Exception):
-            w.stop(timeout_s=30)
 
 
 class _Jobs:

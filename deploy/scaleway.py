@@ -10,14 +10,13 @@ only forces a rollout of the same settings (a mutable tag such as `:latest`, or 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TextIO, TypeVar
+from typing import Any, Generic, TextIO, TypeVar
 
 from scaleway.container.v1 import ContainerV1API
 from scaleway.container.v1.types import (
@@ -34,6 +33,8 @@ from scaleway.container.v1.types import (
 )
 from scaleway_core.api import ScalewayException
 from scaleway_core.client import Client
+
+from deploy.recording import RecordingMixin, capture, dry_run_client
 
 API_PREFIX = "/containers/v1/regions"
 # Ranges the Serverless Containers API accepts (issue 13's reading of Scaleway's API reference;
@@ -63,6 +64,8 @@ NS_TRANSIENT = frozenset(
     }
 )
 T = TypeVar("T")
+ApiT = TypeVar("ApiT")
+SpecT = TypeVar("SpecT")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -274,7 +277,8 @@ class DeploySpec:
 # --- comparing an existing container with the spec ---------------------------------------------
 
 
-def _seconds(value: str | None) -> float | None:
+def seconds(value: str | None) -> float | None:
+    """An API duration (`"3600s"`) in seconds; None when absent or unreadable."""
     if value is None:
         return None
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)s?\s*", str(value))
@@ -285,7 +289,7 @@ def _probe_view(probe: ContainerProbe | None) -> tuple[str | None, int, float | 
     if probe is None:
         return None
     path = probe.http.path if probe.http is not None else None
-    return (path, probe.failure_threshold, _seconds(probe.interval))
+    return (path, probe.failure_threshold, seconds(probe.interval))
 
 
 def differences(current: Container, spec: DeploySpec) -> list[str]:
@@ -298,7 +302,7 @@ def differences(current: Container, spec: DeploySpec) -> list[str]:
         ("max_scale", current.max_scale, spec.max_scale),
         ("memory_limit_bytes", current.memory_limit_bytes, spec.memory_limit_bytes),
         ("mvcpu_limit", current.mvcpu_limit, spec.cpu_mvcpu),
-        ("timeout", _seconds(current.timeout), float(spec.timeout_s)),
+        ("timeout", seconds(current.timeout), float(spec.timeout_s)),
         ("privacy", str(current.privacy), spec.privacy),
         ("port", current.port, spec.port),
         ("https_connections_only", current.https_connections_only, spec.https_only),
@@ -345,41 +349,15 @@ def _redact(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-class Captured(Exception):
-    """Raised by `_RecordingAPI._request` instead of sending anything."""
-
-
-class _RecordingAPI(ContainerV1API):  # type: ignore[misc]
-    """The SDK's own API class with `_request` replaced: every call is recorded, none is sent.
-
-    Driving the real SDK methods makes the dry run print exactly the method, path, query and
-    body (as marshalled by this SDK version) that a real run sends.
-    """
+class _RecordingAPI(RecordingMixin, ContainerV1API):  # type: ignore[misc]
+    """The SDK's own container API, recording instead of sending; secret values redacted."""
 
     def __init__(self, client: Client) -> None:
         super().__init__(client, bypass_validation=True)
-        self.recorded: list[dict[str, Any]] = []
+        self.recorded = []
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        params: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-        body: Any = None,
-    ) -> Any:
-        entry: dict[str, Any] = {"method": method.upper(), "path": path}
-        query = {k: v for k, v in (params or {}).items() if v is not None}
-        if query:
-            entry["query"] = query
-        if body is not None:
-            entry["body"] = _redact(body) if isinstance(body, dict) else body
-        self.recorded.append(entry)
-        raise Captured
+    def shown_body(self, body: Any) -> Any:
+        return _redact(body) if isinstance(body, dict) else body
 
 
 def plan(spec: DeploySpec, project_id: str | None) -> dict[str, Any]:
@@ -387,10 +365,7 @@ def plan(spec: DeploySpec, project_id: str | None) -> dict[str, Any]:
 
     Which branch runs depends on what exists, so every request is listed with its condition.
     """
-    client = Client(
-        default_project_id=project_id or "<SCW_DEFAULT_PROJECT_ID>", default_region=spec.region
-    )
-    api = _RecordingAPI(client)
+    api = _RecordingAPI(dry_run_client(project_id, spec.region))
     ns_id, c_id = "<namespace id>", "<container id>"
     calls: list[tuple[str, Callable[[], object]]] = [
         (
@@ -428,18 +403,12 @@ def plan(spec: DeploySpec, project_id: str | None) -> dict[str, Any]:
             lambda: api.get_container(container_id=c_id, region=spec.region),
         ),
     ]
-    requests: list[dict[str, Any]] = []
-    for when, call in calls:
-        try:
-            call()
-        except Captured:
-            requests.append({"when": when, **api.recorded[-1]})
     return {
         "dry_run": True,
         "api": "Serverless Containers v1 (scaleway.container.v1)",
         "region": spec.region,
         "image": spec.image,
-        "requests": jsonable(requests),
+        "requests": capture(api, calls),
     }
 
 
@@ -501,16 +470,29 @@ def make_client(env: Mapping[str, str], region: str | None) -> Client:
     return client
 
 
-class Deployer:
-    """Find by exact name, create or update, wait, and judge the final status."""
+class BaseDeployer(Generic[ApiT, SpecT]):
+    """What the container and the job definition deployers share: an SDK API, a spec, and
+    progress lines for the operator (stdout unless `out`)."""
 
-    def __init__(self, api: ContainerV1API, spec: DeploySpec, out: TextIO | None = None) -> None:
+    def __init__(self, api: ApiT, spec: SpecT, out: TextIO | None = None) -> None:
         self.api = api
         self.spec = spec
         self.out = out
 
     def say(self, message: str) -> None:
         print(message, file=self.out or sys.stdout, flush=True)
+
+
+def at_most_one(found: list[T], several: str) -> T | None:
+    """The one resource an exact-name lookup found, or None; more than one is an error for the
+    operator (`several`): the deploy never guesses which one is meant."""
+    if len(found) > 1:
+        raise DeployError(several)
+    return found[0] if found else None
+
+
+class Deployer(BaseDeployer[ContainerV1API, DeploySpec]):
+    """Find by exact name, create or update, wait, and judge the final status."""
 
     def find_namespace(self) -> Namespace | None:
         found = [
@@ -520,10 +502,8 @@ class Deployer:
             )
             if ns.name == self.spec.namespace
         ]
-        if len(found) > 1:
-            ids = ", ".join(ns.id for ns in found)
-            raise DeployError(f"several namespaces are named {self.spec.namespace!r}: {ids}")
-        return found[0] if found else None
+        ids = ", ".join(ns.id for ns in found)
+        return at_most_one(found, f"several namespaces are named {self.spec.namespace!r}: {ids}")
 
     def find_container(self, namespace_id: str) -> Container | None:
         found = [
@@ -533,9 +513,7 @@ class Deployer:
             )
             if c.name == self.spec.container and c.namespace_id == namespace_id
         ]
-        if len(found) > 1:
-            raise DeployError(f"several containers are named {self.spec.container!r}")
-        return found[0] if found else None
+        return at_most_one(found, f"several containers are named {self.spec.container!r}")
 
     def ensure_namespace(self) -> Namespace:
         namespace = self.find_namespace()

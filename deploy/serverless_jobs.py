@@ -12,10 +12,9 @@ at least, which `run-one` needs to verify its message). Scaleway's own retries a
 from __future__ import annotations
 
 import re
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 from scaleway.jobs.v1alpha2 import JobsV1Alpha2API
 from scaleway.jobs.v1alpha2.types import (
@@ -27,7 +26,8 @@ from scaleway.jobs.v1alpha2.types import (
 )
 from scaleway_core.client import Client
 
-from deploy.scaleway import Captured, DeployError, jsonable
+from deploy.recording import RecordingMixin, capture, dry_run_client
+from deploy.scaleway import BaseDeployer, DeployError, at_most_one, seconds
 
 # tini stays PID 1, as in the image's ENTRYPOINT: it forwards the run's SIGTERM to run-one
 # (which reports the attempt interrupted) and reaps what the CLI leaves behind.
@@ -145,13 +145,6 @@ class JobDefinitionSpec:
         ]
 
 
-def _timeout_s(value: str | None) -> float | None:
-    if value is None:
-        return None
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)s?\s*", str(value))
-    return float(match.group(1)) if match else None
-
-
 def differences(current: JobDefinition, spec: JobDefinitionSpec) -> list[str]:
     """Names of the settings that differ; empty means the definition matches the spec."""
     retries = current.retry_policy.max_retries if current.retry_policy is not None else None
@@ -164,7 +157,7 @@ def differences(current: JobDefinition, spec: JobDefinitionSpec) -> list[str]:
         ("args", list(current.args or []), list(ARGS)),
         ("environment_variables", dict(current.environment_variables or {}), spec.env_dict),
         ("description", current.description, spec.description),
-        ("job_timeout", _timeout_s(current.job_timeout), float(spec.timeout_s)),
+        ("job_timeout", seconds(current.job_timeout), float(spec.timeout_s)),
         ("retry_policy", retries or 0, 0),
     ]
     return [name for name, have, want in pairs if have != want]
@@ -182,16 +175,8 @@ class JobsOutcome:
     definition: JobDefinition
 
 
-class JobsDeployer:
+class JobsDeployer(BaseDeployer[JobsV1Alpha2API, JobDefinitionSpec]):
     """Find the definition by exact name, create or update it, then align its secret refs."""
-
-    def __init__(self, api: JobsV1Alpha2API, spec: JobDefinitionSpec, out: TextIO | None = None):
-        self.api = api
-        self.spec = spec
-        self.out = out
-
-    def say(self, message: str) -> None:
-        print(message, file=self.out or sys.stdout, flush=True)
 
     def find(self) -> JobDefinition | None:
         # The list call has no name filter: read every page, compare names exactly.
@@ -200,10 +185,8 @@ class JobsDeployer:
             for d in self.api.list_job_definitions_all(region=self.spec.region)
             if d.name == self.spec.name
         ]
-        if len(found) > 1:
-            ids = ", ".join(d.id for d in found)
-            raise DeployError(f"several job definitions are named {self.spec.name!r}: {ids}")
-        return found[0] if found else None
+        ids = ", ".join(d.id for d in found)
+        return at_most_one(found, f"several job definitions are named {self.spec.name!r}: {ids}")
 
     def run(self) -> JobsOutcome:
         spec = self.spec
@@ -250,37 +233,17 @@ class JobsDeployer:
         return bool(stale or missing)
 
 
-class _RecordingJobsAPI(JobsV1Alpha2API):  # type: ignore[misc]
-    """The SDK's jobs API with `_request` recording instead of sending (see `_RecordingAPI`)."""
+class _RecordingJobsAPI(RecordingMixin, JobsV1Alpha2API):  # type: ignore[misc]
+    """The SDK's jobs API, recording instead of sending (`deploy.recording`)."""
 
     def __init__(self, client: Client) -> None:
         super().__init__(client, bypass_validation=True)
-        self.recorded: list[dict[str, Any]] = []
-
-    def _request(
-        self,
-        method: str,
-        path: str,
-        params: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-        body: Any = None,
-    ) -> Any:
-        entry: dict[str, Any] = {"method": method.upper(), "path": path}
-        query = {k: v for k, v in (params or {}).items() if v is not None}
-        if query:
-            entry["query"] = query
-        if body is not None:
-            entry["body"] = body
-        self.recorded.append(entry)
-        raise Captured
+        self.recorded = []
 
 
 def plan(spec: JobDefinitionSpec, project_id: str | None) -> dict[str, Any]:
     """The job definition requests a real run makes, each with its condition; no network."""
-    client = Client(
-        default_project_id=project_id or "<SCW_DEFAULT_PROJECT_ID>", default_region=spec.region
-    )
-    api = _RecordingJobsAPI(client)
+    api = _RecordingJobsAPI(dry_run_client(project_id, spec.region))
     d_id, s_id = "<job definition id>", "<secret reference id>"
     calls: list[tuple[str, Callable[[], object]]] = [
         (
@@ -314,14 +277,8 @@ def plan(spec: JobDefinitionSpec, project_id: str | None) -> dict[str, Any]:
             ),
         ),
     ]
-    requests: list[dict[str, Any]] = []
-    for when, call in calls:
-        try:
-            call()
-        except Captured:
-            requests.append({"when": when, **api.recorded[-1]})
     return {
         "api": "Serverless Jobs v1alpha2 (scaleway.jobs.v1alpha2)",
         "name": spec.name,
-        "requests": jsonable(requests),
+        "requests": capture(api, calls),
     }

@@ -131,6 +131,18 @@ def _basic_value(token: str) -> str:
     return base64.b64encode(f"x-access-token:{token}".encode()).decode("ascii")
 
 
+def _secret_values(token: str | None) -> tuple[str, ...]:
+    """The token in every form git may echo it (as given, and as its Basic-auth value)."""
+    return tuple(s for s in (token, _basic_value(token) if token else None) if s)
+
+
+def _empty_dest(dest: Path) -> None:
+    """Create `dest` if needed; a clone never writes into a directory that holds anything."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise _Failed("destination directory is not empty")
+
+
 def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
     """Remove secrets, Authorization header values and URL userinfo from `text`."""
     for secret in secrets:
@@ -289,6 +301,23 @@ class _Limits:
     abort: threading.Event
     secrets: tuple[str, ...]
     ref_label: str = "HEAD"
+
+    @classmethod
+    def start(
+        cls,
+        dest: Path,
+        started: float,
+        timeout_s: float,
+        max_bytes: int,
+        max_entries: int,
+        abort: threading.Event,
+        token: str | None,
+        ref_label: str,
+    ) -> _Limits:
+        """Limits of a clone or fetch begun at `started` (monotonic) that must hide `token`."""
+        deadline = started + timeout_s
+        secrets = _secret_values(token)
+        return cls(dest, deadline, timeout_s, max_bytes, max_entries, abort, secrets, ref_label)
 
     def over(self) -> _Failed | None:
         """The limit `dest` passed on disk, if any."""
@@ -456,22 +485,12 @@ def _clone_sync(
     abort: threading.Event,
 ) -> CloneResult:
     started = time.monotonic()
-    secrets = tuple(s for s in (token, _basic_value(token) if token else None) if s)
-    limits = _Limits(
-        dest,
-        started + timeout_s,
-        timeout_s,
-        max_bytes,
-        max_entries,
-        abort,
-        secrets,
-        ref or "default branch",
+    limits = _Limits.start(
+        dest, started, timeout_s, max_bytes, max_entries, abort, token, ref or "default branch"
     )
     env = _git_env(token, url)
     _pin_addresses(env, url, addresses)
-    dest.mkdir(parents=True, exist_ok=True)
-    if any(dest.iterdir()):
-        raise _Failed("destination directory is not empty")
+    _empty_dest(dest)
     if ref is None or not _SHA.fullmatch(ref):
         # A branch, a tag or the default branch: one `git clone` is one process and one
         # negotiation (measured ~40 ms faster on loopback than init + fetch + checkout).
@@ -621,6 +640,8 @@ SHA = _SHA
 Limits = _Limits
 CloneFailed = _Failed
 basic_value = _basic_value
+secret_values = _secret_values
+empty_dest = _empty_dest
 git_env = _git_env
 run_git = _run_git
 clone_sync = _clone_sync

@@ -48,6 +48,7 @@ that job at another commit present in the mirror. Running the CLI as another use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -70,6 +71,18 @@ log = logging.getLogger("fondation.repo_cache")
 
 _LOCK_POLL_S = 0.02
 _FILL_NICE = 10
+# A shallow fetch of one commit: no tags, no submodules, no commit-graph to write; what
+# follows `--` is the source and the refspec.
+_FETCH_ONE_COMMIT = (
+    "fetch",
+    "--quiet",
+    "--depth",
+    "1",
+    "--no-tags",
+    "--no-recurse-submodules",
+    "--no-write-commit-graph",
+    "--",
+)
 _CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = {bare}\n"
 # Files a hostile process could plant in a mirror to steer the next git run in it.
 _PLANTABLE = ("objects/info/alternates", "objects/info/http-alternates", "info/grafts", "commondir")
@@ -143,22 +156,12 @@ class RepoCache:
         """Clone `ref` of `url` into `dest` through the mirror; same contract as
         `git.clone_sync` (raises `git.CloneFailed`)."""
         started = time.monotonic()
-        secret_values = tuple(s for s in (token, git.basic_value(token) if token else None) if s)
-        limits = git.Limits(
-            dest,
-            started + timeout_s,
-            timeout_s,
-            max_bytes,
-            max_entries,
-            abort,
-            secret_values,
-            ref or "HEAD",
+        limits = git.Limits.start(
+            dest, started, timeout_s, max_bytes, max_entries, abort, token, ref or "HEAD"
         )
-        dest.mkdir(parents=True, exist_ok=True)
-        if any(dest.iterdir()):
-            raise git.CloneFailed("destination directory is not empty")
+        git.empty_dest(dest)
         key = cache_key(url)
-        mirror = self.root / "mirrors" / f"{key}.git"
+        mirror = self.mirror_path(url)
         if not mirror.is_dir():
             # First job on this repository: today's direct clone, so it is never slower
             # than without the cache (going through a new mirror costs one more local copy);
@@ -179,7 +182,7 @@ class RepoCache:
             # The cache's own failure (a damaged mirror, its disk): never the job's.
             log.warning(
                 "repository cache dropped a mirror",
-                extra={"error": git.scrub(str(broken), secret_values)[:300]},
+                extra={"error": git.scrub(str(broken), limits.secrets)[:300]},
             )
             with self._locked(key, fcntl.LOCK_EX, limits):
                 git.remove_tree(mirror)
@@ -223,14 +226,14 @@ class RepoCache:
             time.sleep(self.fill_delay_s)
             try:
                 key = cache_key(url)
-                limits = git.Limits(
-                    self.root / "mirrors" / f"{key}.git",
-                    time.monotonic() + timeout_s,
+                limits = git.Limits.start(
+                    self.mirror_path(url),
+                    time.monotonic(),
                     timeout_s,
                     max_bytes,
                     max_entries,
                     threading.Event(),
-                    tuple(s for s in (token, git.basic_value(token) if token else None) if s),
+                    token,
                     ref or "HEAD",
                 )
                 started = time.monotonic()
@@ -283,15 +286,11 @@ class RepoCache:
             self._sanitize(mirror)
         before = git.dir_size(mirror)
         # The size watch covers what this fetch adds, not what earlier jobs left.
-        fetch_limits = git.Limits(
-            mirror,
-            limits.deadline,
-            limits.timeout_s,
-            before + limits.max_bytes,
-            limits.max_entries + _entries(mirror),
-            limits.abort,
-            limits.secrets,
-            limits.ref_label,
+        fetch_limits = dataclasses.replace(
+            limits,
+            dest=mirror,
+            max_bytes=before + limits.max_bytes,
+            max_entries=limits.max_entries + _entries(mirror),
         )
         target = "HEAD" if ref is None else ref
         # Pinned under a ref of its own: the commit stays a "have" for the next fetch.
@@ -300,14 +299,7 @@ class RepoCache:
             self._git(
                 [
                     f"--git-dir={mirror}",
-                    "fetch",
-                    "--quiet",
-                    "--depth",
-                    "1",
-                    "--no-tags",
-                    "--no-recurse-submodules",
-                    "--no-write-commit-graph",
-                    "--",
+                    *_FETCH_ONE_COMMIT,
                     url,
                     f"+{target}:{pin}",
                 ],
@@ -343,14 +335,7 @@ class RepoCache:
             _init(dest / ".git", bare=False)
             self._git(
                 [
-                    "fetch",
-                    "--quiet",
-                    "--depth",
-                    "1",
-                    "--no-tags",
-                    "--no-recurse-submodules",
-                    "--no-write-commit-graph",
-                    "--",
+                    *_FETCH_ONE_COMMIT,
                     mirror.as_uri(),
                     commit,
                 ],

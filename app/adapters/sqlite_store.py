@@ -42,6 +42,7 @@ from app.domain import (
     CheckpointFile,
     ClaimResult,
     Doc,
+    DocKind,
     Failure,
     FailureCode,
     JobSpec,
@@ -263,6 +264,18 @@ class ChangeFeed:
             pass
         finally:
             self._waiters.discard(fut)
+
+
+def _row_to_doc(r: sqlite3.Row, path: str | None = None) -> Doc:
+    """A `docs` or `partial_docs` row as a Doc (`path`: partial docs only)."""
+    return Doc(
+        slug=r["slug"],
+        title=r["title"],
+        kind=DocKind(r["kind"]),
+        chapter_index=r["chapter_index"],
+        content=r["content"],
+        path=path,
+    )
 
 
 def _row_to_view(row: sqlite3.Row) -> JobView:
@@ -582,29 +595,16 @@ class SqliteJobStore:
         return [_row_to_view(r) for r in rows]
 
     def list_docs(self, job_id: str, attempt: int) -> list[Doc]:
-        from app.domain import DocKind
-
         with self._read():
             rows = self._db.execute(
                 "SELECT * FROM docs WHERE job_id = ? AND attempt = ? ORDER BY position",
                 (job_id, attempt),
             ).fetchall()
-        return [
-            Doc(
-                slug=r["slug"],
-                title=r["title"],
-                kind=DocKind(r["kind"]),
-                chapter_index=r["chapter_index"],
-                content=r["content"],
-            )
-            for r in rows
-        ]
+        return [_row_to_doc(r) for r in rows]
 
     def list_partial_docs(self, job_id: str) -> list[Doc]:
         """The job's partial docs (its checkpoint's files), in course order: the YAML plans,
         the chapters by index (a reviewed chapter in place of its draft), the tutorials."""
-        from app.domain import DocKind
-
         with self._read():
             rows = self._db.execute(
                 "SELECT * FROM partial_docs WHERE job_id = ? ORDER BY path", (job_id,)
@@ -617,17 +617,7 @@ class SqliteJobStore:
             by_slug.values(),
             key=lambda r: (kinds.get(r["kind"], 3), r["chapter_index"] or 0, r["path"]),
         )
-        return [
-            Doc(
-                slug=r["slug"],
-                title=r["title"],
-                kind=DocKind(r["kind"]),
-                chapter_index=r["chapter_index"],
-                content=r["content"],
-                path=r["path"],
-            )
-            for r in ordered
-        ]
+        return [_row_to_doc(r, path=r["path"]) for r in ordered]
 
     def checkpoint(self, job_id: str) -> Checkpoint | None:
         """The files the job's furthest attempt uploaded as partial docs, with their commit."""

@@ -20,6 +20,7 @@ import pytest
 from app.config import load_settings
 from app.main import create_app
 from app.urlpolicy import Resolver
+from tests.support import asgi
 from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.jobs import SOURCE
 from tests.support.signing import SECRET, headers_for, start_body
@@ -168,27 +169,8 @@ class _Stream:
 @contextlib.asynccontextmanager
 async def held_app(tmp_path: Path, **env: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     """The app with a reporter that holds every claim: accepted jobs stay running."""
-    from tests.support.fakes import HeldReporter, public_resolver
-
-    settings = load_settings(
-        {
-            "WEBHOOK_SECRETS": SECRET,
-            "DATA_DIR": str(tmp_path / "data"),
-            "WORK_DIR": str(tmp_path / "work"),
-            "SHUTDOWN_GRACE_S": "2",
-            "WORKER_ID": "hostile-test",
-            **env,
-        }
-    )
-    reporter = HeldReporter()
-    app = create_app(settings, environ={}, resolver=public_resolver, reporter=reporter)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
-            try:
-                yield app, client
-            finally:
-                reporter.release.set()
+    async with asgi.held_app(tmp_path, **{"WORKER_ID": "hostile-test", **env}) as (app, client, _):
+        yield app, client
 
 
 URL = "https://github.com/owner/repo.git"

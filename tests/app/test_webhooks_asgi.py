@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.config import load_settings
-from app.main import create_app
-from tests.support.fakes import HeldReporter, public_resolver
+from tests.support.asgi import held_app
+from tests.support.fakes import HeldReporter
 from tests.support.signing import OTHER_SECRET, SECRET, cancel_body, headers_for, start_body
 
 URL = "https://github.com/owner/repo.git"
@@ -23,26 +22,10 @@ URL = "https://github.com/owner/repo.git"
 async def running_app(
     tmp_path: Path, **env: str
 ) -> AsyncIterator[tuple[httpx.AsyncClient, HeldReporter]]:
-    settings = load_settings(
-        {
-            "WEBHOOK_SECRETS": SECRET,
-            "DATA_DIR": str(tmp_path / "data"),
-            "WORK_DIR": str(tmp_path / "work"),
-            "SHUTDOWN_GRACE_S": "2",
-            "WORKER_ID": "asgi-test",
-            "HOST": "127.0.0.1",  # the job API is open on loopback only
-            **env,
-        }
-    )
-    reporter = HeldReporter()
-    app = create_app(settings, environ={}, resolver=public_resolver, reporter=reporter)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
-            try:
-                yield client, reporter
-            finally:
-                reporter.release.set()
+    # The job API is open on loopback only.
+    settings = {"WORKER_ID": "asgi-test", "HOST": "127.0.0.1", **env}
+    async with held_app(tmp_path, **settings) as (_, client, reporter):
+        yield client, reporter
 
 
 async def post(client: httpx.AsyncClient, body: bytes, msg_id: str, **kw: object) -> httpx.Response:

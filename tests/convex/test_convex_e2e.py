@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.convex_bridge import ConvexBridge, node_ready
+from tests.support.convex_bridge import ConvexBridge, node_ready, worker_bridge
 from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.signing import SECRET
 from tests.support.worker import WorkerProcess, base_env, free_port
@@ -104,15 +104,7 @@ def test_worker_killed_mid_job_is_completed_by_the_next_attempt(
     tmp_path: Path, git_server: GitHttpServer
 ) -> None:
     port = free_port()
-    with ConvexBridge(
-        tmp_path / "bridge.log",
-        FONDATION_WORKER_URL=f"http://127.0.0.1:{port}",
-        FONDATION_WEBHOOK_SECRET=SECRET,
-        FONDATION_LEASE_MS=3000,
-        FONDATION_CLAIM_TIMEOUT_MS=5000,
-        FONDATION_SWEEP_INTERVAL_MS=500,
-        FONDATION_RETRY_BASE_MS=200,
-    ) as bridge:
+    with worker_bridge(tmp_path / "bridge.log", port) as bridge:
 
         def start_worker(name: str) -> WorkerProcess:
             w = WorkerProcess(

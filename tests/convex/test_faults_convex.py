@@ -73,19 +73,12 @@ class _QuietServer(_Server):
 
 
 class SlowGitServer(GitHttpServer):
+    handler_class = _SlowHandler
+    server_class = _QuietServer
+
     def __init__(self, root: Path, delay_s: float) -> None:
         super().__init__(root)
         self.delay_s = delay_s
-
-    def start(self) -> SlowGitServer:
-        httpd = _QuietServer(("127.0.0.1", 0), _SlowHandler)
-        httpd.owner = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-        )
-        self._thread.start()
-        return self
 
 
 class _Http(ThreadingHTTPServer):

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.convex_bridge import ConvexBridge, FlakyProxy, node_ready
-from tests.support.gitserver import GitHttpServer, _Handler, _Server, make_repo
+from tests.support.gitserver import GitHttpServer, _Handler, make_repo
 from tests.support.jobs import SOURCE
 from tests.support.signing import SECRET
 from tests.support.worker import WorkerProcess, base_env, free_port
@@ -43,6 +43,8 @@ class _FlakyHandler(_Handler):
 
 
 class FlakyGitServer(GitHttpServer):
+    handler_class = _FlakyHandler
+
     def __init__(self, root: Path, failures: int) -> None:
         super().__init__(root)
         self._failures = failures
@@ -55,16 +57,6 @@ class FlakyGitServer(GitHttpServer):
                 return False
             self.failed += 1
             return True
-
-    def start(self) -> FlakyGitServer:
-        httpd = _Server(("127.0.0.1", 0), _FlakyHandler)
-        httpd.owner = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-        )
-        self._thread.start()
-        return self
 
 
 @pytest.fixture(scope="module")

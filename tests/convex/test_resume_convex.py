@@ -15,10 +15,9 @@ import pytest
 
 from app.simulator import STEP_NAMES
 from tests.e2e.test_resume import FILES, runs, written
-from tests.support.convex_bridge import ConvexBridge, node_ready
-from tests.support.gitserver import GitHttpServer, make_repo, rev_parse
+from tests.support.convex_bridge import ConvexBridge, node_ready, worker_bridge
+from tests.support.gitserver import GitHttpServer, make_repo, rev_parse, serve_new_root
 from tests.support.jobs import wait_for
-from tests.support.signing import SECRET
 from tests.support.worker import SIMULATOR, WorkerProcess, base_env, free_port
 
 pytestmark = [
@@ -39,24 +38,14 @@ exec {sim} "$@"
 
 @pytest.fixture
 def repos(tmp_path: Path) -> Iterator[tuple[Path, GitHttpServer]]:
-    root = tmp_path / "repos"
-    root.mkdir()
-    with GitHttpServer(root) as server:
-        yield root, server
+    with serve_new_root(tmp_path / "repos") as served:
+        yield served
 
 
 @pytest.fixture
 def bridge(tmp_path: Path) -> Iterator[tuple[ConvexBridge, int]]:
     port = free_port()
-    with ConvexBridge(
-        tmp_path / "bridge.log",
-        FONDATION_WORKER_URL=f"http://127.0.0.1:{port}",
-        FONDATION_WEBHOOK_SECRET=SECRET,
-        FONDATION_LEASE_MS=3000,
-        FONDATION_CLAIM_TIMEOUT_MS=5000,
-        FONDATION_SWEEP_INTERVAL_MS=500,
-        FONDATION_RETRY_BASE_MS=200,
-    ) as b:
+    with worker_bridge(tmp_path / "bridge.log", port) as b:
         yield b, port
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from app.simulator import STEP_NAMES
-from tests.support.gitserver import GitHttpServer, git_env, make_repo, rev_parse
+from tests.support.gitserver import GitHttpServer, git_env, make_repo, rev_parse, serve_new_root
 from tests.support.jobs import wait_for
 from tests.support.signing import headers_for, start_body
 from tests.support.worker import SIMULATOR, WorkerProcess, base_env
@@ -36,10 +36,8 @@ NO_FAILURE = f"{SIMULATOR} --fail-at-step 0"
 
 @pytest.fixture
 def repos(tmp_path: Path) -> Iterator[tuple[Path, GitHttpServer]]:
-    root = tmp_path / "repos"
-    root.mkdir()
-    with GitHttpServer(root) as server:
-        yield root, server
+    with serve_new_root(tmp_path / "repos") as served:
+        yield served
 
 
 def make(root: Path, name: str, record: Path, files: dict[str, str] = FILES, **sw: Any) -> Path:

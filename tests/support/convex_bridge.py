@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from tests.support.signing import SECRET
 from tests.support.worker import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -207,6 +208,27 @@ class ConvexBridge:
                 return job
             time.sleep(0.1)
         raise AssertionError(f"job {job_id} never reached {statuses}: {job}\n{self.logs()[-3000:]}")
+
+
+# Short leases, claim timeout, sweep and backoff: a killed or failed attempt is retried
+# within seconds instead of minutes.
+FAST_RETRIES: dict[str, Any] = {
+    "FONDATION_LEASE_MS": 3000,
+    "FONDATION_CLAIM_TIMEOUT_MS": 5000,
+    "FONDATION_SWEEP_INTERVAL_MS": 500,
+    "FONDATION_RETRY_BASE_MS": 200,
+}
+
+
+def worker_bridge(log_path: Path, worker_port: int, **env: Any) -> ConvexBridge:
+    """A bridge that dispatches to a worker on 127.0.0.1:`worker_port`, signing with the test
+    SECRET, with FAST_RETRIES (`env` adds or overrides)."""
+    return ConvexBridge(
+        log_path,
+        FONDATION_WORKER_URL=f"http://127.0.0.1:{worker_port}",
+        FONDATION_WEBHOOK_SECRET=SECRET,
+        **{**FAST_RETRIES, **env},
+    )
 
 
 class FlakyProxy:

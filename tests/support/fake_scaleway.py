@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
 ACCESS_KEY = "SCWFAKEFAKEFAKEFAKE1"
 SECRET_KEY = "11111111-2222-4333-8444-555555555555"
 PROJECT_ID = "aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
@@ -619,3 +621,23 @@ def redacted_env(env: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str
         k: ("<secret>" if any(s and s in v for s in secrets.values()) else v)
         for k, v in env.items()
     }
+
+
+def use_fake_scaleway(
+    monkeypatch: pytest.MonkeyPatch, server: FakeScaleway, config_dir: Path, webhook_secrets: str
+) -> None:
+    """Point the SDK (through `SCW_*`) and the deploy CLI at `server`, with fake credentials.
+
+    Every inherited `SCW_*` variable is dropped and the config file path leads nowhere, so
+    nothing from the machine's own Scaleway profile can leak into a test.
+    """
+    for var in list(os.environ):
+        if var.startswith("SCW_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("SCW_CONFIG_PATH", str(config_dir / "no-config.yaml"))
+    monkeypatch.setenv("SCW_ACCESS_KEY", ACCESS_KEY)
+    monkeypatch.setenv("SCW_SECRET_KEY", SECRET_KEY)
+    monkeypatch.setenv("SCW_DEFAULT_PROJECT_ID", PROJECT_ID)
+    monkeypatch.setenv("SCW_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("SCW_API_URL", server.url)
+    monkeypatch.setenv("WEBHOOK_SECRETS", webhook_secrets)

@@ -14,17 +14,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import os
 import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
@@ -246,6 +248,10 @@ class GitHttpServer:
     userinfo-looking text.
     """
 
+    # Fault tests subclass the server with their own request handler (or server class).
+    handler_class: type[BaseHTTPRequestHandler] = _Handler
+    server_class: type[_Server] = _Server
+
     def __init__(
         self,
         root: Path,
@@ -268,8 +274,8 @@ class GitHttpServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> GitHttpServer:
-        httpd = _Server((self.host, self._bind_port), _Handler)
+    def start(self) -> Self:
+        httpd = self.server_class((self.host, self._bind_port), self.handler_class)
         httpd.owner = self
         self._httpd = httpd
         self._thread = threading.Thread(
@@ -287,7 +293,7 @@ class GitHttpServer:
         self._httpd = None
         self._thread = None
 
-    def __enter__(self) -> GitHttpServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -397,3 +403,11 @@ class StallingServer:
 def gzip_body(data: bytes) -> bytes:
     """Helper for tests that post gzip-encoded bodies to the server by hand."""
     return gzip.compress(data)
+
+
+@contextlib.contextmanager
+def serve_new_root(root: Path) -> Iterator[tuple[Path, GitHttpServer]]:
+    """Create the empty folder `root` and serve it: tests add repositories as they go."""
+    root.mkdir()
+    with GitHttpServer(root) as server:
+        yield root, server

@@ -15,11 +15,9 @@ import pytest
 from deploy.__main__ import main
 from deploy.scaleway import DeploySpec, is_mutable_tag
 from tests.support.fake_scaleway import (
-    ACCESS_KEY,
-    PROJECT_ID,
-    SECRET_KEY,
     FakeScaleway,
     invalid_settings,
+    use_fake_scaleway,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,16 +29,7 @@ WEBHOOK_SECRET = "whsec_dGVzdC1zZWNyZXQtdmFsdWUtMTIzNDU2Nzg5MA=="
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeScaleway]:
     server = FakeScaleway().start()
-    for var in list(os.environ):
-        if var.startswith("SCW_"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("SCW_CONFIG_PATH", str(tmp_path / "no-config.yaml"))
-    monkeypatch.setenv("SCW_ACCESS_KEY", ACCESS_KEY)
-    monkeypatch.setenv("SCW_SECRET_KEY", SECRET_KEY)
-    monkeypatch.setenv("SCW_DEFAULT_PROJECT_ID", PROJECT_ID)
-    monkeypatch.setenv("SCW_DEFAULT_REGION", "fr-par")
-    monkeypatch.setenv("SCW_API_URL", server.url)
-    monkeypatch.setenv("WEBHOOK_SECRETS", WEBHOOK_SECRET)
+    use_fake_scaleway(monkeypatch, server, tmp_path, WEBHOOK_SECRET)
     try:
         yield server
     finally:

@@ -5,7 +5,6 @@ the real SDK (`scaleway.jobs.v1alpha2`) against the loopback fake; and the fake'
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from tests.support.fake_scaleway import (
     PROJECT_ID,
     SECRET_KEY,
     FakeScaleway,
+    use_fake_scaleway,
 )
 from tests.support.gitserver import GitHttpServer, make_repo
 from tests.support.jobs import SOURCE, sim, wait_for
@@ -41,16 +41,7 @@ JOBS = "/serverless-jobs/v1alpha2/regions/fr-par"
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeScaleway]:
     server = FakeScaleway(run_log_dir=tmp_path, run_cwd=str(REPO_ROOT)).start()
-    for var in list(os.environ):
-        if var.startswith("SCW_"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("SCW_CONFIG_PATH", str(tmp_path / "no-config.yaml"))
-    monkeypatch.setenv("SCW_ACCESS_KEY", ACCESS_KEY)
-    monkeypatch.setenv("SCW_SECRET_KEY", SECRET_KEY)
-    monkeypatch.setenv("SCW_DEFAULT_PROJECT_ID", PROJECT_ID)
-    monkeypatch.setenv("SCW_DEFAULT_REGION", "fr-par")
-    monkeypatch.setenv("SCW_API_URL", server.url)
-    monkeypatch.setenv("WEBHOOK_SECRETS", SECRET)
+    use_fake_scaleway(monkeypatch, server, tmp_path, SECRET)
     try:
         yield server
     finally:

@@ -265,14 +265,21 @@ async def test_nothing_left_means_no_cli(tmp_path: Path, repo: Path) -> None:
 # -- partial uploads --------------------------------------------------------------------
 
 
-async def test_a_step_counts_as_ended_only_once_its_upload_succeeded(
-    tmp_path: Path, repo: Path
-) -> None:
+def partial_uploader(tmp_path: Path) -> tuple[Reporter, Path, PartialUploader]:
+    """An attempt's uploader of every step with no settling delay, its fake reporter, and the
+    output folder the simulator writes into."""
     attempt = attempt_for(tmp_path)
     reporter = attempt.deps.reporter
     assert isinstance(reporter, Reporter)
     out = attempt.workspace.out_dir
     uploader = PartialUploader(attempt, out, commit=SHA, run_steps=STEP_NAMES, settle_s=0.0)
+    return reporter, out, uploader
+
+
+async def test_a_step_counts_as_ended_only_once_its_upload_succeeded(
+    tmp_path: Path, repo: Path
+) -> None:
+    reporter, out, uploader = partial_uploader(tmp_path)
     run_sim(repo, out, "extract")
     reporter.fail_next = 1
     uploader.steps_reached(2)  # step 1 ended: its upload fails
@@ -290,11 +297,7 @@ async def test_a_step_counts_as_ended_only_once_its_upload_succeeded(
 async def test_an_upload_that_crashes_neither_stops_the_uploads_nor_the_attempt(
     tmp_path: Path, repo: Path
 ) -> None:
-    attempt = attempt_for(tmp_path)
-    reporter = attempt.deps.reporter
-    assert isinstance(reporter, Reporter)
-    out = attempt.workspace.out_dir
-    uploader = PartialUploader(attempt, out, commit=SHA, run_steps=STEP_NAMES, settle_s=0.0)
+    reporter, out, uploader = partial_uploader(tmp_path)
     run_sim(repo, out, "extract")
     reporter.crash_next = 1
     uploader.steps_reached(2)

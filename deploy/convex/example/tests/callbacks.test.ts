@@ -1,16 +1,8 @@
 /** The worker's callbacks through the host's re-exports: the gate, leases, clone tokens. */
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { api, createJob, creds, fakeWorker, hostJob, inComponent, newT, run, settle, setupEnv, table, type T } from "./helpers";
+import { describe, expect, it, vi } from "vitest";
+import { api, createJob, creds, fakeWorker, hostJob, inComponent, newT, run, settle, table, useFakeHost, type T } from "./helpers";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv();
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
+useFakeHost();
 
 /** Everything a refused call must leave untouched, host and component. */
 async function snapshot(t: T) {

@@ -1,17 +1,9 @@
 /** How the dispatch reads the worker's answers (docs/CONTRACT.md §2). */
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { parseRetryAfter } from "../../src/component/model";
-import { createJob, creds, fakeWorker, hostJob, lease, newT, problem, run, settle, setupEnv, api } from "./helpers";
+import { createJob, creds, fakeWorker, hostJob, lease, newT, problem, run, settle, api, START, useFakeHost } from "./helpers";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv();
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
+useFakeHost();
 
 describe("worker answers", () => {
   it("a 4xx other than 429 ends the run dead at once (the worker will never take it)", async () => {
@@ -70,7 +62,7 @@ describe("worker answers", () => {
 
 describe("Retry-After", () => {
   it("reads seconds and HTTP dates, and bounds both", () => {
-    const now = Date.parse("2026-11-28T10:00:00Z");
+    const now = Date.parse(START);
     expect(parseRetryAfter("7", now)).toBe(7_000);
     expect(parseRetryAfter("Sat, 28 Nov 2026 10:00:20 GMT", now)).toBe(20_000);
     expect(parseRetryAfter(null, now)).toBe(30_000);

@@ -1,30 +1,8 @@
 import { Webhook } from "standardwebhooks";
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import {
-  SECRET,
-  api,
-  createJob,
-  creds,
-  fakeWorker,
-  hostJob,
-  internal,
-  lease,
-  newT,
-  run,
-  settle,
-  setupEnv,
-  table,
-} from "./helpers";
+import { describe, expect, it } from "vitest";
+import { SECRET, api, createJob, creds, fakeWorker, hostJob, internal, lease, newT, run, settle, table, useFakeHost } from "./helpers";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv();
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
+useFakeHost();
 
 const doc = (slug: string, kind: "yaml" | "chapter" | "tutorial", chapterIndex: number | null) => ({
   slug,

@@ -4,7 +4,7 @@
  */
 import { register } from "@fondation/convex-worker/test";
 import { convexTest } from "convex-test";
-import { vi } from "vitest";
+import { afterEach, beforeEach, vi } from "vitest";
 import { api, internal } from "../convex/_generated/api";
 import type { Id } from "../convex/_generated/dataModel";
 import schema from "../convex/schema";
@@ -26,6 +26,26 @@ export function setupEnv(overrides: Record<string, string> = {}): void {
     ...overrides,
   };
   for (const [k, v] of Object.entries(env)) vi.stubEnv(k, v);
+}
+
+/** When every test starts: fake timers stand at this instant. */
+export const START = "2026-11-28T10:00:00Z";
+
+/**
+ * Call at the top of a test file: before each test, fake timers at `START` and the host's
+ * environment stubbed (`setupEnv(overrides)`); after each, real timers and every env and global
+ * stub undone.
+ */
+export function useFakeHost(overrides: Record<string, string> = {}): void {
+  beforeEach(() => {
+    vi.useFakeTimers({ now: new Date(START) });
+    setupEnv(overrides);
+  });
+  afterEach(() => {
+    vi.useRealTimers();
+    vi.unstubAllEnvs();
+    vi.unstubAllGlobals();
+  });
 }
 
 export function newT() {

@@ -1,16 +1,8 @@
 /** Transaction limits (convex-test `transactionLimits: true`): big docs, batched deletion. */
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { api, createJob, creds, fakeWorker, hostJob, inComponent, internal, newT, run, settle, setupEnv, type T } from "./helpers";
+import { describe, expect, it } from "vitest";
+import { api, createJob, creds, fakeWorker, hostJob, inComponent, internal, newT, run, settle, useFakeHost, type T } from "./helpers";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv();
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
+useFakeHost();
 
 const KB900 = 900 * 1024;
 const bigDoc = (i: number, attempt: number) => ({

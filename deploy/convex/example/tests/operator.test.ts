@@ -1,19 +1,11 @@
 /** The operator's board functions (docs/BOARD.md), through the host's `operatorApi()` re-exports. */
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { api, createJob, creds, fakeWorker, hostJob, inComponent, internal, newT, run, settle, setupEnv, table, type T } from "./helpers";
+import { describe, expect, it, vi } from "vitest";
+import { api, createJob, creds, fakeWorker, hostJob, inComponent, internal, newT, run, settle, setupEnv, table, useFakeHost, type T } from "./helpers";
 
 const BOARD = "board-secret-shared-with-the-worker";
 const WRONG = "board-secret-shared-with-the-workeR";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv({ FONDATION_BOARD_SECRET: BOARD });
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
+useFakeHost({ FONDATION_BOARD_SECRET: BOARD });
 
 const snapshot = (t: T, page = 1, pageSize = 20) =>
   t.query(api.fondation.boardSnapshot, { boardSecret: BOARD, page, pageSize });

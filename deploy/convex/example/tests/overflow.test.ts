@@ -1,15 +1,13 @@
 /** Overflow to Serverless Jobs runs (docs/SCALING.md), with `fetch` stubbed: the warm worker's
  * webhook and the Jobs API's start and stop. */
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { verify } from "../../src/component/signing";
-import { SECRET, api, createJob, lease, newT, problem, run, settle, setupEnv, table } from "./helpers";
+import { SECRET, api, createJob, lease, newT, problem, run, settle, table, useFakeHost } from "./helpers";
 
 const JOBS = "http://jobs.test/serverless-jobs/v1alpha2/regions/fr-par";
 const TOKEN = "22222222-3333-4444-8555-666666666666";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv({
+useFakeHost({
     FONDATION_SCW_API_URL: "http://jobs.test",
     FONDATION_SCW_REGION: "fr-par",
     FONDATION_SCW_JOB_DEFINITION_ID: "def-1",
@@ -17,12 +15,6 @@ beforeEach(() => {
     FONDATION_MAX_RUNS: "3",
     FONDATION_RUN_CLAIM_TIMEOUT_MS: "120000",
   });
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
 
 type Req = { url: string; headers: Record<string, string>; body: string; json: any };
 

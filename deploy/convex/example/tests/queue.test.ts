@@ -1,30 +1,8 @@
 /** The queue: retries with backoff, cancel, lease expiry, concurrency, priority. */
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import {
-  api,
-  createJob,
-  creds,
-  fakeWorker,
-  hostJob,
-  internal,
-  lease,
-  newT,
-  problem,
-  run,
-  settle,
-  setupEnv,
-  table,
-} from "./helpers";
+import { describe, expect, it, vi } from "vitest";
+import { api, createJob, creds, fakeWorker, hostJob, internal, lease, newT, problem, run, settle, table, useFakeHost } from "./helpers";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv();
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
+useFakeHost();
 
 describe("retries", () => {
   it("retries a failing delivery with growing backoff, then ends dead and tells the host", async () => {

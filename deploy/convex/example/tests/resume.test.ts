@@ -3,18 +3,10 @@
  * the run keeps them as its checkpoint with the commit, and the next attempt's claim returns
  * it (the files in pages).
  */
-import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { api, createJob, creds, fakeWorker, hostJob, internal, newT, run, settle, setupEnv, table } from "./helpers";
+import { describe, expect, it } from "vitest";
+import { api, createJob, creds, fakeWorker, hostJob, internal, newT, run, settle, setupEnv, table, useFakeHost } from "./helpers";
 
-beforeEach(() => {
-  vi.useFakeTimers({ now: new Date("2026-11-28T10:00:00Z") });
-  setupEnv();
-});
-afterEach(() => {
-  vi.useRealTimers();
-  vi.unstubAllEnvs();
-  vi.unstubAllGlobals();
-});
+useFakeHost();
 
 const SHA = "0123456789abcdef0123456789abcdef01234567";
 const OTHER = "89abcdef0123456789abcdef0123456789abcdef";

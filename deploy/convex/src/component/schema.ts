@@ -5,7 +5,7 @@
  */
 import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
-import { vConfig, vDocKind, vRunError, vRunOptions, vRunStatus, vRunner } from "./shared.js";
+import { runViewFields, vConfig, vDocKind, vRunError, vRunOptions, vRunStatus, vRunner } from "./shared.js";
 
 export default defineSchema({
   /**
@@ -15,29 +15,9 @@ export default defineSchema({
    * Readers: `lib.status` (the host's queries subscribe to it), `loop.main` (active count).
    */
   runs: defineTable({
-    status: vRunStatus,
-    repositoryUrl: v.string(),
-    ref: v.optional(v.string()),
+    ...runViewFields,
     options: v.optional(vRunOptions),
-    priority: v.number(),
-    /** Current attempt number, from 1. A new number (and a new token) for every retry. */
-    attempt: v.number(),
-    maxAttempts: v.number(),
-    currentStep: v.number(),
-    totalSteps: v.number(),
-    progress: v.number(),
-    message: v.string(),
-    storedDocs: v.number(),
-    docsCount: v.number(),
-    /** Set when the run ends failed/dead/canceled with a reason. */
-    error: v.optional(vRunError),
-    /** Why the previous attempt ended, while a retry is pending or running. */
-    lastError: v.optional(vRunError),
-    result: v.optional(v.object({ docsCount: v.number(), durationMs: v.number() })),
-    claimedBy: v.optional(v.string()),
     claimedAt: v.optional(v.number()),
-    /** The commit the current attempt cloned, from its progress reports. */
-    commit: v.optional(v.string()),
     /** The files of the furthest attempt (`checkpointFiles` of this commit), kept for the next
      * attempt to resume from; unset once the run completes. */
     checkpoint: v.optional(
@@ -47,9 +27,6 @@ export default defineSchema({
     deliveredAt: v.optional(v.number()),
     /** The host's `onEvent` mutation (a function handle) and the context it gets back. */
     onEvent: v.optional(v.object({ fnHandle: v.string(), context: v.optional(v.any()) })),
-    createdAt: v.number(),
-    updatedAt: v.number(),
-    finishedAt: v.optional(v.number()),
     /** The status counted in `boardState.counts` (set by `board.noteChange`). */
     boardStatus: v.optional(vRunStatus),
   })

@@ -141,6 +141,61 @@ export const callbackAuth = {
 export const vRefusal = v.object({ ok: v.literal(false), reason: v.string() });
 export type Refusal = Infer<typeof vRefusal>;
 
+const vOk = v.object({ ok: v.literal(true) });
+
+/**
+ * Arguments and results of the worker callbacks the host re-exports unchanged: the component
+ * registers them (worker.ts) and the client's `workerApi` exposes them, from this one definition
+ * so the two cannot drift. (`claim` differs: the host adds the clone token.)
+ */
+export const workerCallbacks = {
+  /** Step change and heartbeat. */
+  progress: {
+    args: {
+      ...callbackAuth,
+      seq: v.number(),
+      status: vRunningPhase,
+      currentStep: v.number(),
+      totalSteps: v.number(),
+      message: v.string(),
+      logs: v.optional(v.array(v.string())),
+      /** The commit SHA the attempt cloned, once known: the run records it. */
+      commit: v.optional(v.string()),
+    },
+    returns: v.union(v.object({ ok: v.literal(true), stale: v.optional(v.literal(true)) }), vRefusal),
+  },
+  putDocs: {
+    args: {
+      ...callbackAuth,
+      docs: v.array(vDocInput),
+      partial: v.optional(v.boolean()),
+      commit: v.optional(v.string()),
+      endedStep: v.optional(v.string()),
+    },
+    returns: v.union(v.object({ ok: v.literal(true), stored: v.number() }), vRefusal),
+  },
+  complete: {
+    args: { ...callbackAuth, docsCount: v.number(), durationMs: v.number() },
+    returns: v.union(vOk, vRefusal),
+  },
+  fail: {
+    args: { ...callbackAuth, code: vFailureCode, message: v.string(), retryable: v.boolean() },
+    returns: v.union(vOk, vRefusal),
+  },
+  checkpointPage: {
+    args: { ...callbackAuth, after: v.optional(v.string()) },
+    returns: v.union(
+      v.object({
+        ok: v.literal(true),
+        commit: v.string(),
+        files: v.array(v.object({ path: v.string(), content: v.string() })),
+        next: v.union(v.string(), v.null()),
+      }),
+      vRefusal,
+    ),
+  },
+};
+
 /** Which runner holds an attempt: the warm worker (webhook) or a Serverless Jobs run. */
 export const vRunner = v.union(v.literal("warm"), v.literal("run"));
 export type Runner = Infer<typeof vRunner>;
@@ -200,13 +255,17 @@ export const DEFAULT_CONFIG: Config = {
   sweepIntervalMs: 10_000,
 };
 
-/** A run as the host sees it (`status`): never a token. */
-export const vRunView = v.object({
-  runId: v.string(),
+/**
+ * The fields of a run the host may see: the `runs` table (schema.ts) spreads them and adds its
+ * own (options, claim and dispatch times, checkpoint, onEvent, boardStatus), and `vRunView`
+ * adds the id. Never a token.
+ */
+export const runViewFields = {
   status: vRunStatus,
   repositoryUrl: v.string(),
   ref: v.optional(v.string()),
   priority: v.number(),
+  /** Current attempt number, from 1. A new number (and a new token) for every retry. */
   attempt: v.number(),
   maxAttempts: v.number(),
   currentStep: v.number(),
@@ -216,7 +275,9 @@ export const vRunView = v.object({
   message: v.string(),
   storedDocs: v.number(),
   docsCount: v.number(),
+  /** Set when the run ends failed/dead/canceled with a reason. */
   error: v.optional(vRunError),
+  /** Why the previous attempt ended, while a retry is pending or running. */
   lastError: v.optional(vRunError),
   result: v.optional(v.object({ docsCount: v.number(), durationMs: v.number() })),
   claimedBy: v.optional(v.string()),
@@ -225,7 +286,10 @@ export const vRunView = v.object({
   createdAt: v.number(),
   updatedAt: v.number(),
   finishedAt: v.optional(v.number()),
-});
+};
+
+/** A run as the host sees it (`status`): never a token. */
+export const vRunView = v.object({ runId: v.string(), ...runViewFields });
 export type RunView = Infer<typeof vRunView>;
 
 export const vDocView = v.object({

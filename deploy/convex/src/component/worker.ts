@@ -31,10 +31,8 @@ import {
   isRunning,
   phaseIndex,
   vCheckpointInfo,
-  vDocInput,
-  vFailureCode,
   vRefusal,
-  vRunningPhase,
+  workerCallbacks,
   type Refusal,
 } from "./shared.js";
 
@@ -91,7 +89,16 @@ function runningRefusal(run: Run, workerId: string): Refusal | null {
   return null;
 }
 
-const ok = v.object({ ok: v.literal(true) });
+/** The gate, then `runningRefusal`: what every callback of a claimed, running attempt checks. */
+async function authorizeRunning(
+  ctx: QueryCtx,
+  args: { jobId: string; attempt: number; callbackToken: string; workerId: string },
+): Promise<{ run: Run; lease: Lease } | { refusal: Refusal }> {
+  const gate = await authorize(ctx, args);
+  if ("refusal" in gate) return { refusal: gate.refusal };
+  const refusal = runningRefusal(gate.run, args.workerId);
+  return refusal ? { refusal } : gate;
+}
 
 /** First call of an attempt: the worker takes the run. Idempotent for the same worker.
  * Returns what the host's `cloneToken` function needs; the host's re-export adds the token. */
@@ -137,24 +144,11 @@ export const claim = mutation({
 
 /** Step change and heartbeat. A stale `seq` is acknowledged and ignored. */
 export const progress = mutation({
-  args: {
-    ...callbackAuth,
-    seq: v.number(),
-    status: vRunningPhase,
-    currentStep: v.number(),
-    totalSteps: v.number(),
-    message: v.string(),
-    logs: v.optional(v.array(v.string())),
-    /** The commit SHA the attempt cloned, once known: the run records it. */
-    commit: v.optional(v.string()),
-  },
-  returns: v.union(v.object({ ok: v.literal(true), stale: v.optional(v.literal(true)) }), vRefusal),
+  ...workerCallbacks.progress,
   handler: async (ctx, args) => {
-    const gate = await authorize(ctx, args);
+    const gate = await authorizeRunning(ctx, args);
     if ("refusal" in gate) return gate.refusal;
     const { run, lease } = gate;
-    const refusal = runningRefusal(run, args.workerId);
-    if (refusal) return refusal;
     if (args.seq <= lease.lastSeq) return { ok: true as const, stale: true as const };
     if (phaseIndex(args.status) < phaseIndex(run.status)) return { ok: false as const, reason: "invalid_transition" };
     const now = Date.now();
@@ -208,20 +202,11 @@ export const progress = mutation({
  * shown to the host (`partialDocs` event); `endedStep` (on a step's last batch) joins the
  * checkpoint's ended steps. */
 export const putDocs = mutation({
-  args: {
-    ...callbackAuth,
-    docs: v.array(vDocInput),
-    partial: v.optional(v.boolean()),
-    commit: v.optional(v.string()),
-    endedStep: v.optional(v.string()),
-  },
-  returns: v.union(v.object({ ok: v.literal(true), stored: v.number() }), vRefusal),
+  ...workerCallbacks.putDocs,
   handler: async (ctx, args) => {
-    const gate = await authorize(ctx, args);
+    const gate = await authorizeRunning(ctx, args);
     if ("refusal" in gate) return gate.refusal;
     const { run, lease } = gate;
-    const refusal = runningRefusal(run, args.workerId);
-    if (refusal) return refusal;
     if (args.docs.some((d) => d.slug.trim() === "" || d.slug.length > 512 || d.title.length > 2_000)) {
       return { ok: false as const, reason: "invalid_doc" };
     }
@@ -298,8 +283,7 @@ export const putDocs = mutation({
 
 /** Success. Repeating it is harmless. Frees the slot. */
 export const complete = mutation({
-  args: { ...callbackAuth, docsCount: v.number(), durationMs: v.number() },
-  returns: v.union(ok, vRefusal),
+  ...workerCallbacks.complete,
   handler: async (ctx, args) => {
     const gate = await authorize(ctx, args);
     if ("refusal" in gate) return gate.refusal;
@@ -335,8 +319,7 @@ export const complete = mutation({
 
 /** Failure. Retryable failures start the next attempt (at once for `interrupted`). */
 export const fail = mutation({
-  args: { ...callbackAuth, code: vFailureCode, message: v.string(), retryable: v.boolean() },
-  returns: v.union(ok, vRefusal),
+  ...workerCallbacks.fail,
   handler: async (ctx, args) => {
     const gate = await authorize(ctx, args);
     if ("refusal" in gate) {
@@ -372,22 +355,11 @@ export const CHECKPOINT_PAGE = 8;
  * is the last path of the previous page. Only the claiming attempt gets them (the gate).
  */
 export const checkpointPage = mutation({
-  args: { ...callbackAuth, after: v.optional(v.string()) },
-  returns: v.union(
-    v.object({
-      ok: v.literal(true),
-      commit: v.string(),
-      files: v.array(v.object({ path: v.string(), content: v.string() })),
-      next: v.union(v.string(), v.null()),
-    }),
-    vRefusal,
-  ),
+  ...workerCallbacks.checkpointPage,
   handler: async (ctx, args) => {
-    const gate = await authorize(ctx, args);
+    const gate = await authorizeRunning(ctx, args);
     if ("refusal" in gate) return gate.refusal;
     const { run } = gate;
-    const refusal = runningRefusal(run, args.workerId);
-    if (refusal) return refusal;
     const cp = run.checkpoint;
     if (cp === undefined) return { ok: false as const, reason: "no_checkpoint" };
     const { after } = args;
