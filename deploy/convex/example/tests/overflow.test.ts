@@ -166,6 +166,29 @@ describe("overflow", () => {
     expect(refused).toMatchObject({ ok: false, reason: "canceled" });
   });
 
+  it("an operator's retry of a job that ended in a run forgets that run", async () => {
+    const board = "board-secret-shared-with-the-worker";
+    vi.stubEnv("FONDATION_BOARD_SECRET", board);
+    const t = newT();
+    const s = fakeScaleway(() => problem(503, "no free job slot", { "retry-after": "30" }));
+    const { runId } = await createJob(t, { maxAttempts: 1 });
+    await settle(t);
+    const { data } = runMessage(s.starts()[0]!);
+    const auth = { jobId: runId, attempt: data.attempt, workerId: "run-1", callbackToken: data.callbackToken };
+    expect(await t.mutation(api.fondation.claim, auth)).toMatchObject({ ok: true });
+    await t.mutation(api.fondation.fail, { ...auth, code: "cli_failed", message: "exit 3", retryable: false });
+    expect(await run(t, runId)).toMatchObject({ status: "failed" });
+    expect(await t.mutation(api.fondation.retry, { boardSecret: board, jobId: runId })).toMatchObject({ ok: true });
+    // Attempt 2 waits in the queue: no runner holds it, and the ended run is not its holder.
+    const snap = await t.query(api.fondation.boardSnapshot, { boardSecret: board, page: 1, pageSize: 20 });
+    expect(snap.pending.find((r) => r.jobId === runId)).toMatchObject({ runner: null });
+    const held = await lease(t, runId);
+    expect([held.attempt, held.runner, held.jobRunId]).toEqual([2, undefined, undefined]);
+    await t.mutation(api.fondation.cancelJob, { boardSecret: board, jobId: runId });
+    await settle(t);
+    expect(s.stops()).toEqual([]);
+  });
+
   it("without a job definition id there are no runs: a 503 waits for the warm worker", async () => {
     vi.stubEnv("FONDATION_SCW_JOB_DEFINITION_ID", "");
     const t = newT();

@@ -265,9 +265,27 @@ export async function retryOrFinish(
     message,
     updatedAt: now,
   });
+  await resetLeaseForAttempt(ctx, lease, run.attempt, attempt, opts.outcome);
+  const next = (await ctx.db.get(run._id))!;
+  await emit(ctx, next, { kind: "status", status: "pending", message, lastError: error });
+  await scheduleDocsCleanup(ctx, run._id, attempt);
+  await enqueueRun(ctx, next, now + opts.delayMs);
+  return "retry";
+}
+
+/** The lease of a run moving to `attempt`: no token, no holder (warm worker or Serverless Jobs
+ * run) and no deadline yet; the previous attempt's token hash is kept so its worker repeating a
+ * final report is still acknowledged. Shared by the automatic retry and the operator's. */
+export async function resetLeaseForAttempt(
+  ctx: MutationCtx,
+  lease: Lease,
+  previousAttempt: number,
+  attempt: number,
+  outcome: string,
+): Promise<void> {
   await ctx.db.patch(lease._id, {
     attempt,
-    previous: { attempt: run.attempt, tokenHash: lease.tokenHash, outcome: opts.outcome },
+    previous: { attempt: previousAttempt, tokenHash: lease.tokenHash, outcome },
     tokenHash: undefined,
     tokenNonce: undefined,
     messageAt: undefined,
@@ -277,9 +295,4 @@ export async function retryOrFinish(
     runner: undefined,
     jobRunId: undefined,
   });
-  const next = (await ctx.db.get(run._id))!;
-  await emit(ctx, next, { kind: "status", status: "pending", message, lastError: error });
-  await scheduleDocsCleanup(ctx, run._id, attempt);
-  await enqueueRun(ctx, next, now + opts.delayMs);
-  return "retry";
 }

@@ -18,7 +18,7 @@ import { LOG_TAIL, boardTotals, noteChange } from "./board.js";
 import { emit } from "./events.js";
 import { kick } from "./kick.js";
 import { cancelRun } from "./lib.js";
-import { enqueueRun, leaseOf, queueRank, scheduleDocsCleanup } from "./model.js";
+import { enqueueRun, leaseOf, queueRank, resetLeaseForAttempt, scheduleDocsCleanup } from "./model.js";
 import { vActionResult, vBoardJob, vBoardSnapshot, type BoardJobRow } from "./boardShapes.js";
 import { constantTimeEqual, hashToken } from "./signing.js";
 import { ACTIVE_STATUSES, isActive, type RunError, type RunStatus } from "./shared.js";
@@ -238,17 +238,9 @@ async function startAnotherAttempt(ctx: MutationCtx, run: Doc<"runs">): Promise<
     updatedAt: now,
   });
   if (lease !== null) {
-    await ctx.db.patch(lease._id, {
-      attempt,
-      // The old attempt's worker repeating its `fail` is still acknowledged (worker.fail).
-      previous: { attempt: run.attempt, tokenHash: lease.tokenHash, outcome: run.status === "failed" ? "fail" : "retried" },
-      tokenHash: undefined,
-      tokenNonce: undefined,
-      messageAt: undefined,
-      sends: 0,
-      leaseUntil: undefined,
-      lastSeq: 0,
-    });
+    // The old attempt's worker repeating its `fail` is still acknowledged (worker.fail); the
+    // run or warm worker that held it holds nothing now.
+    await resetLeaseForAttempt(ctx, lease, run.attempt, attempt, run.status === "failed" ? "fail" : "retried");
   } else {
     await ctx.db.insert("leases", { runId: run._id, attempt, sends: 0, lastSeq: 0, logSeq: 0 });
   }
