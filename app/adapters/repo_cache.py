@@ -284,13 +284,14 @@ class RepoCache:
             _init(mirror, bare=True)
         else:
             self._sanitize(mirror)
-        before = git.dir_size(mirror)
-        # The size watch covers what this fetch adds, not what earlier jobs left.
+        # The size watch covers what this fetch adds, not what earlier jobs left; measured as
+        # the watch measures (disk blocks and entries), in one walk of the mirror.
+        before, entries = git.disk_usage(mirror) if mirror.is_dir() else (0, 0)
         fetch_limits = dataclasses.replace(
             limits,
             dest=mirror,
             max_bytes=before + limits.max_bytes,
-            max_entries=limits.max_entries + _entries(mirror),
+            max_entries=limits.max_entries + entries,
         )
         target = "HEAD" if ref is None else ref
         # Pinned under a ref of its own: the commit stays a "have" for the next fetch.
@@ -322,7 +323,7 @@ class RepoCache:
             raise
         except (OSError, UnicodeDecodeError) as exc:
             raise _Broken(f"{type(exc).__name__} reading the mirror") from None
-        return commit, git.dir_size(mirror) - before
+        return commit, git.disk_usage(mirror)[0] - before
 
     def _work_tree(self, mirror: Path, commit: str, dest: Path, limits: git.Limits) -> str:
         """Make `dest` a checkout of `commit` (a commit or an annotated tag) with its own
@@ -477,8 +478,3 @@ def _suspect(failed: git.CloneFailed) -> bool:
     """True when git failed in a way that is not the server's answer (auth, missing ref,
     size, timeout): a damaged mirror is the likely cause."""
     return failed.message.startswith("git failed")
-
-
-def _entries(path: Path) -> int:
-    """Files and directories under `path` (what the entry cap of a fetch adds to)."""
-    return git.disk_usage(path)[1] if path.is_dir() else 0
