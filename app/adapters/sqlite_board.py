@@ -67,8 +67,8 @@ class BoardStore:
 
     def __init__(self, store: SqliteJobStore) -> None:
         self.store = store
-        with store._lock:
-            store._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{_RECOUNT}COMMIT;")
+        with store._read() as db:  # the store's lock, and its errors as StoreError
+            db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}{_RECOUNT}COMMIT;")
 
     @property
     def feed(self) -> ChangeFeed:
@@ -98,14 +98,13 @@ class BoardStore:
 
     def version(self) -> str:
         """Changes whenever a job does: every write records an event."""
-        with self.store._lock:
-            row = self.store._db.execute("SELECT max(id) FROM events").fetchone()
+        with self.store._read() as db:
+            row = db.execute("SELECT max(id) FROM events").fetchone()
         return str(row[0] or 0)
 
     def snapshot(self, page: int, *, page_size: int = model.PAGE_SIZE) -> Snapshot:
         page = max(1, page)
-        db = self.store._db
-        with self.store._lock:
+        with self.store._read() as db:
             version = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
             counts = dict(db.execute("SELECT status, n FROM board_counts").fetchall())
             # Attempts replaced by a retry are not jobs of their own: uncount them.
@@ -162,8 +161,7 @@ class BoardStore:
         ).fetchall()
 
     def job(self, job_id: str) -> JobDetail | None:
-        db = self.store._db
-        with self.store._lock:
+        with self.store._read() as db:
             version = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
             attempts = db.execute(
                 "SELECT * FROM jobs WHERE job_id = ? ORDER BY attempt", (job_id,)
@@ -277,8 +275,8 @@ class BoardStore:
         return ActionResult(True, "canceled")
 
     def latest(self, job_id: str) -> JobRow | None:
-        with self.store._lock:
-            row = self._latest(self.store._db, job_id)
+        with self.store._read() as db:
+            row = self._latest(db, job_id)
         return None if row is None else self._row(row)
 
     def set_priority(self, job_id: str, priority: int) -> ActionResult:
@@ -294,11 +292,9 @@ class BoardStore:
 
     def take_next_pending(self) -> JobSpec | None:
         """Move the first pending job (priority, then age) to `accepted` and return its spec."""
-        with self.store._lock:  # a read first: no write transaction (and wake-up) for nothing
-            if (
-                self.store._db.execute("SELECT 1 FROM jobs WHERE status = 'pending'").fetchone()
-                is None
-            ):
+        # A read first: no write transaction (and wake-up) for nothing.
+        with self.store._read() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE status = 'pending'").fetchone() is None:
                 return None
         with self.store._tx() as db:
             row = db.execute(

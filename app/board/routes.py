@@ -38,7 +38,7 @@ from app.board.live import LiveHub
 from app.board.source import BoardSource
 from app.clock import Clock
 from app.config import Settings
-from app.errors import ConfigError, WorkerError
+from app.errors import ConfigError, StoreError, WorkerError
 from app.jobs import JobManager
 
 log = logging.getLogger("fondation.board")
@@ -214,6 +214,11 @@ def _page(handler: Page) -> Callable[[Request], Awaitable[Response]]:
             return _secure(PlainTextResponse("login required", status_code=401))
         try:
             return await handler(request, board, session)
+        except StoreError as exc:
+            # The embedded store failing (a full disk, mostly): as the webhook answers it.
+            retry = {"Retry-After": str(board.settings.retry_after_s)}
+            body = f"store-unavailable: {exc}"
+            return _secure(PlainTextResponse(body, status_code=503, headers=retry))
         except WorkerError as exc:
             return _secure(PlainTextResponse(f"board source error: {exc}", status_code=502))
 

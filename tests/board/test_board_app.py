@@ -345,3 +345,28 @@ def test_job_api_needs_a_token_or_session_beyond_loopback(tmp_path: Path) -> Non
         login(c)
         assert c.get("/v1/jobs/j1").status_code == 200  # the board session is enough
         assert c.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_a_failing_store_is_a_503_with_retry_after_not_a_500(client: TestClient) -> None:
+    """A full disk behind the board answers like the webhook does (issue 11 item 4)."""
+    import sqlite3
+
+    assert login(client).status_code == 303
+    s = store(client)
+    real = s._db
+
+    class Full:
+        def execute(self, sql: str, *args: object) -> object:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    s._db = Full()
+    try:
+        r = client.get("/board")
+    finally:
+        s._db = real
+    assert r.status_code == 503, r.text
+    assert "retry-after" in r.headers
+    assert "store-unavailable" in r.text
