@@ -187,6 +187,7 @@ def job_status(w: WorkerProcess, job_id: str) -> str:
 class _ConvexHandler(BaseHTTPRequestHandler):
     server: _ConvexServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms stall
 
     def log_message(self, format: str, *args: object) -> None:
         return

@@ -139,6 +139,9 @@ class RecordedRequest:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # Headers and body are two writes: without TCP_NODELAY, Nagle holds the second until the
+    # client's delayed ACK (~40 ms per request; a fetch is three requests).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         return  # keep test output quiet
