@@ -529,3 +529,32 @@ async def test_cli_exit_status_and_signal_pass_through_the_shim(tmp_path: Path) 
     assert (await run("import sys; sys.exit(7)", tmp_path)).exit_code == 7
     code = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
     assert (await run(code, tmp_path)).exit_code == -signal.SIGSEGV
+
+
+async def test_the_cli_starts_with_default_signals_and_no_inherited_descriptors(
+    tmp_path: Path,
+) -> None:
+    """The shim ignores TERM and INT and Python ignores PIPE and XFSZ; none of that reaches
+    the CLI (a shell here: a Python CLI would set its own), and no descriptor of the shim or
+    the worker beyond 0-2 stays open in it."""
+    lines: list[str] = []
+    held = os.open(tmp_path, os.O_RDONLY)
+    os.set_inheritable(held, True)  # even a descriptor the worker left inheritable
+    try:
+        result = await run_cli(
+            ["/bin/sh", "-c", "grep SigIgn /proc/$$/status; ls /proc/$$/fd"],
+            env={"PATH": os.environ["PATH"]},
+            cwd=tmp_path,
+            timeout_s=30,
+            term_grace_s=2,
+            on_lines=lines.extend,
+            stop=asyncio.Event(),
+        )
+    finally:
+        os.close(held)
+    assert result.exit_code == 0, lines
+    ignored = int(next(line for line in lines if line.startswith("SigIgn:")).split()[1], 16)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & (1 << (signum - 1)), (signum, hex(ignored))
+    fds = sorted(int(line) for line in lines if line.strip().isdigit())
+    assert fds == [0, 1, 2], lines
