@@ -2,10 +2,22 @@
 which each job's work tree is made, so a repository cloned before only downloads what changed.
 
     <root>/mirrors/<key>.git     bare, shallow; <key> = sha256 of the normalized URL
+    <root>/ready/<key>           a checkout made from the mirror, never yet given to a job
     <root>/locks/<key>.lock      flock: exclusive to fetch or drop, shared to copy out
 
-One clone through the cache (in a clone thread, under git.py's limits: timeout, size watch,
-abort, and its hardened environment: no hooks, no symlinks, http(s) only to the server):
+A repeated job takes the repository's ready tree whole (a rename, so one job only) and moves
+it to its ref with one fetch from the server (the tree's commit is pinned under a ref, so it
+is a "have" and only what changed travels) and a checkout that rewrites only the files that
+changed; the tree is then renamed to the job's `repo`. A checkout of a few megabytes costs
+more than the fetch (bench.start: 120-210 ms against 60-70 ms on loopback), so a job start
+pays neither the copy out of the mirror nor a full checkout. Afterwards, in the background
+(`fill_delay_s` later, niced), the mirror is brought to that commit and a new ready tree is
+made from it for the next job.
+
+Without a ready tree (a job on the same repository is still using it, or it is being made),
+a clone goes through the mirror (in a clone thread, under git.py's limits: timeout, size
+watch, abort, and its hardened environment: no hooks, no symlinks, http(s) only to the
+server):
 
     exclusive lock:
       git --git-dir <mirror> fetch --depth 1 --no-tags -- <url> +<ref>:refs/cache/<sha1(ref)>
@@ -30,19 +42,22 @@ and hooks removed, so nothing a previous job's CLI could have planted there stee
 
 The first job on a repository clones directly (`git.clone_sync`, as without the cache) and,
 when the clone is at least `min_clone_bytes` on disk, a background thread fills the mirror
-afterwards (2 s later, niced): a first job takes today's path, and small repositories, which
-clone faster than they copy out of a mirror, never get one.
+and makes a ready tree afterwards (2 s later, niced): a first job takes today's path, and
+small repositories, which clone faster than they copy out of a mirror, never get one.
+
+Ready trees are written by the worker only, from objects index-pack verified, and kept where
+the CLI cannot reach (the cache is on only with CLI_USER); one becomes a job's work tree
+exactly as a direct clone would (no token in its config, its FETCH_HEAD deleted).
 
 A mirror that fails in a way that is not the server's answer (git reports a bad object, a
 missing object, a broken repository) is dropped and the job falls back to a direct clone
-(`git.clone_sync`): the cache never fails a job. The cache is bounded by `max_bytes` (all
-mirrors); least recently used mirrors that no job holds are evicted after each clone.
+(`git.clone_sync`): the cache never fails a job; so is a ready tree git cannot use. The
+cache is bounded by `max_bytes` (mirrors and ready trees); the least recently used
+repositories that no job holds are evicted after each clone.
 
-Not defended: the CLI runs as the worker's user, so it can find REPO_CACHE_DIR on disk. It
-can damage or delete mirrors (a later job then drops the mirror and clones directly), and
-it can read them. It cannot change the content of a commit a later job checks out, with one
-exception: racing the mirror's FETCH_HEAD between a job's fetch and its read could point
-that job at another commit present in the mirror. Running the CLI as another user closes both.
+Why the cache needs CLI_USER (`from_settings`): a CLI running as the worker's own user could
+read every mirror (private repositories included), race a mirror's FETCH_HEAD between a job's
+fetch and its read, or write into a ready tree before the next job takes it.
 """
 
 from __future__ import annotations
@@ -71,8 +86,10 @@ log = logging.getLogger("fondation.repo_cache")
 
 _LOCK_POLL_S = 0.02
 _FILL_NICE = 10
+_RACY_MARGIN_S = 0.02  # file times come from the kernel's coarse clock, a tick behind
 # A shallow fetch of one commit: no tags, no submodules, no commit-graph to write; what
-# follows `--` is the source and the refspec.
+# follows `--` is the source and the refspec. (A job's fetch into a ready tree also skips
+# `git maintenance run --auto`: a process on the job's path, for a repository used once.)
 _FETCH_ONE_COMMIT = (
     "fetch",
     "--quiet",
@@ -83,6 +100,8 @@ _FETCH_ONE_COMMIT = (
     "--no-write-commit-graph",
     "--",
 )
+# Pins a ready tree's commit, so that the job's fetch sends it as a "have".
+_READY_PIN = "refs/fondation/base"
 _CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = {bare}\n"
 # Files a hostile process could plant in a mirror to steer the next git run in it.
 _PLANTABLE = ("objects/info/alternates", "objects/info/http-alternates", "info/grafts", "commondir")
@@ -120,8 +139,15 @@ class RepoCache:
     min_clone_bytes: int = 1024**2
     # The background fill waits this long (and runs niced): see `_warm_later`.
     fill_delay_s: float = 2.0
-    # Mirrors being filled after a first clone (see `clone_sync`); `settle` waits for them.
-    _warming: set[threading.Thread] = field(default_factory=set, repr=False, compare=False)
+    # Background work (mirrors filled, ready trees made); `settle` waits for it.
+    _warming: set[threading.Thread] = field(
+        default_factory=set, init=False, repr=False, compare=False
+    )
+    # Keys with background work queued or running: one at a time per repository.
+    _busy: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+    _busy_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RepoCache | None:
@@ -134,10 +160,21 @@ class RepoCache:
         if settings.cli_user is None:
             log.info("repository cache off: CLI_USER is not set (see docs/SECURITY.md)")
             return None
-        return cls(settings.repo_cache_dir, settings.repo_cache_max_bytes)
+        cache = cls(settings.repo_cache_dir, settings.repo_cache_max_bytes)
+        cache.sweep()
+        return cache
 
     def mirror_path(self, url: str) -> Path:
         return self.root / "mirrors" / f"{cache_key(url)}.git"
+
+    def ready_path(self, url: str) -> Path:
+        return self.root / "ready" / cache_key(url)
+
+    def sweep(self) -> None:
+        """Remove what a worker stopped half-way left: ready trees being made or taken."""
+        with contextlib.suppress(OSError):
+            for path in (self.root / "ready").glob(".*"):
+                git.remove_tree(path)
 
     # -- one clone (runs in git.py's clone thread) -------------------------------------
 
@@ -162,6 +199,7 @@ class RepoCache:
         git.empty_dest(dest)
         key = cache_key(url)
         mirror = self.mirror_path(url)
+        later = _Later(url, ref, token, timeout_s, max_bytes, max_entries, addresses)
         if not mirror.is_dir():
             # First job on this repository: today's direct clone, so it is never slower
             # than without the cache (going through a new mirror costs one more local copy);
@@ -170,8 +208,38 @@ class RepoCache:
                 url, ref, dest, token, timeout_s, max_bytes, max_entries, addresses, abort
             )
             if result.bytes_on_disk >= self.min_clone_bytes:
-                self._warm_later(url, ref, token, timeout_s, max_bytes, max_entries, addresses)
+                self._in_background(key, later, None)
             return result
+        ready = self._take_ready(url)
+        if ready is not None:
+            try:
+                commit = self._move_ready(ready, url, ref, token, addresses, limits)
+                os.rename(ready, dest)  # dest is empty: replaced
+            except (_Broken, OSError) as unusable:
+                # The tree, not the server, failed (or dest is on another filesystem): the
+                # mirror's way below.
+                log.warning(
+                    "repository cache dropped a ready tree",
+                    extra={"error": git.scrub(str(unusable), limits.secrets)[:300]},
+                )
+                git.remove_tree(ready)
+            except BaseException:
+                git.remove_tree(ready)
+                raise
+            else:
+                with contextlib.suppress(OSError):
+                    os.utime(mirror)  # the LRU clock
+                # The job fetched into the tree, not the mirror: bring the mirror to that
+                # commit, then make the next ready tree from it.
+                self._in_background(key, later, None)
+                duration_s = time.monotonic() - started
+                log.info(
+                    "cloned from a ready tree",
+                    extra={"duration_s": round(duration_s, 3)},
+                )
+                return git.CloneResult(
+                    commit=commit, bytes_on_disk=git.dir_size(dest), duration_s=duration_s
+                )
         try:
             with self._locked(key, fcntl.LOCK_EX, limits):
                 commit, fetched = self._update(mirror, url, ref, token, addresses, limits)
@@ -194,6 +262,7 @@ class RepoCache:
         with contextlib.suppress(OSError):
             os.utime(mirror)  # the LRU clock
         self.evict()
+        self._in_background(key, later, commit)  # a ready tree for the next job
         log.info(
             "cloned through the repository cache",
             extra={
@@ -206,65 +275,173 @@ class RepoCache:
             commit=commit, bytes_on_disk=git.dir_size(dest), duration_s=time.monotonic() - started
         )
 
-    def _warm_later(
-        self,
-        url: str,
-        ref: str | None,
-        token: str | None,
-        timeout_s: float,
-        max_bytes: int,
-        max_entries: int,
-        addresses: tuple[str, ...],
-    ) -> None:
-        def warm() -> None:
+    def _in_background(self, key: str, later: _Later, commit: str | None) -> None:
+        """After a clone, in a niced thread `fill_delay_s` later: unless the mirror already
+        holds the job's `commit`, fetch the job's ref into it (creating it); then make a ready
+        tree from the mirror if the repository has none. At most one thread per repository."""
+        with self._busy_lock:
+            if key in self._busy:
+                return
+            self._busy.add(key)
+
+        def work() -> None:
             # Background work: it must not delay the job that just cloned. bench.start
             # measured a first job's CLI starting 1.4-1.5x later while the fill ran beside
-            # it on 2 cores; so the fill waits for the CLI to be started and runs niced (a
+            # it on 2 cores; so it waits for the CLI to be started and runs niced (a
             # thread's nice value on Linux, inherited by the git processes it starts).
             with contextlib.suppress(OSError, AttributeError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _FILL_NICE)
             time.sleep(self.fill_delay_s)
             try:
-                key = cache_key(url)
-                limits = git.Limits.start(
-                    self.mirror_path(url),
-                    time.monotonic(),
-                    timeout_s,
-                    max_bytes,
-                    max_entries,
-                    threading.Event(),
-                    token,
-                    ref or "HEAD",
+                self._refill(key, later, commit)
+            except (_Broken, OSError) as broken:
+                # The mirror failed, not the server: drop it, so that no job goes through it.
+                log.warning(
+                    "repository cache dropped a mirror",
+                    extra={"error": git.scrub(str(broken), git.secret_values(later.token))[:300]},
                 )
-                started = time.monotonic()
-                with self._locked(key, fcntl.LOCK_EX, limits):
-                    if limits.dest.is_dir():
-                        return  # another job filled it meanwhile
-                    _, fetched = self._update(limits.dest, url, ref, token, addresses, limits)
-                self.evict()
-                log.info(
-                    "repository cache filled",
-                    extra={
-                        "fetched_bytes": fetched,
-                        "duration_s": round(time.monotonic() - started, 3),
-                    },
-                )
-            except (git.CloneFailed, _Broken, OSError) as exc:
+                self._drop(key, later)
+            except git.CloneFailed as exc:
                 # The job already has its work tree; the next one will try again.
-                log.info("repository cache not filled", extra={"error": type(exc).__name__})
+                log.info("repository cache not filled", extra={"error": exc.message[:300]})
             finally:
+                with self._busy_lock:
+                    self._busy.discard(key)
                 self._warming.discard(thread)
 
-        # A daemon thread: at exit, a half-filled mirror is dropped by the next `_update`.
-        thread = threading.Thread(target=warm, name="repo-cache-warm", daemon=True)
+        # A daemon thread: at exit, a half-filled mirror is dropped by the next `_update`,
+        # a half-made ready tree by `sweep`.
+        thread = threading.Thread(target=work, name="repo-cache-fill", daemon=True)
         self._warming.add(thread)
         thread.start()
+
+    def _drop(self, key: str, later: _Later) -> None:
+        mirror = self.mirror_path(later.url)
+        with (
+            contextlib.suppress(git.CloneFailed, OSError),
+            self._locked(key, fcntl.LOCK_EX, later.limits(mirror)),
+        ):
+            git.remove_tree(mirror)
+
+    def _refill(self, key: str, later: _Later, commit: str | None) -> None:
+        started = time.monotonic()
+        mirror = self.mirror_path(later.url)
+        limits = later.limits(mirror)
+        fetched = 0
+        if commit is None:
+            with self._locked(key, fcntl.LOCK_EX, limits):
+                commit, fetched = self._update(
+                    mirror, later.url, later.ref, later.token, later.addresses, limits
+                )
+        made = False
+        ready = self.ready_path(later.url)
+        if not ready.exists():
+            building = ready.with_name(f".build-{secrets.token_hex(4)}")
+            try:
+                with self._locked(key, fcntl.LOCK_SH, limits):
+                    if not mirror.is_dir():
+                        return  # evicted meanwhile: the cache has no room for it
+                    building.parent.mkdir(parents=True, exist_ok=True)
+                    commit = self._work_tree(mirror, commit, building, later.limits(building))
+                    # The checkout wrote the files and the index within one second, and git
+                    # compares whole seconds (built without USE_NSEC, as Debian's is): it
+                    # cannot trust the index's stat data ("racily clean"), and the taking
+                    # job's checkout would re-read and hash every file (bench: 25-40 ms of
+                    # a 2.7 MB tree's; ~4 ms once trusted). Refreshed in the next second, the
+                    # index is trusted.
+                    time.sleep(1.0 - time.time() % 1.0 + _RACY_MARGIN_S)
+                    self._git(
+                        ["update-index", "-q", "--refresh"], None, building, later.limits(building)
+                    )
+                    # Pinned, so that the taking job's fetch sends it as a "have".
+                    pin = building / ".git" / _READY_PIN
+                    pin.parent.mkdir(parents=True, exist_ok=True)
+                    pin.write_text(f"{commit}\n", encoding="ascii")
+                with contextlib.suppress(OSError):  # a ready tree exists already: keep it
+                    os.rename(building, ready)
+                    made = True
+            finally:
+                git.remove_tree(building)
+        self.evict()
+        log.info(
+            "repository cache filled",
+            extra={
+                "fetched_bytes": fetched,
+                "ready_tree": made,
+                "duration_s": round(time.monotonic() - started, 3),
+            },
+        )
 
     def settle(self, timeout_s: float) -> None:
         """Wait (bounded) for mirrors being filled in the background."""
         deadline = time.monotonic() + timeout_s
         for thread in list(self._warming):
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _take_ready(self, url: str) -> Path | None:
+        """The repository's ready tree, renamed so that no other job can take it; None when
+        there is none."""
+        ready = self.ready_path(url)
+        taken = ready.with_name(f".taken-{secrets.token_hex(4)}")
+        try:
+            os.rename(ready, taken)
+        except OSError:
+            return None
+        return taken
+
+    def _move_ready(
+        self,
+        tree: Path,
+        url: str,
+        ref: str | None,
+        token: str | None,
+        addresses: tuple[str, ...],
+        limits: git.Limits,
+    ) -> str:
+        """Fetch `ref` from the server into a taken ready tree and check it out; return the
+        commit. Raises `git.CloneFailed` for the server's answer, `_Broken` for the tree's."""
+        tree_limits = dataclasses.replace(limits, dest=tree)
+        target = "HEAD" if ref is None else ref
+        try:
+            self._git(
+                [
+                    "fetch",
+                    "--no-auto-maintenance",
+                    *_FETCH_ONE_COMMIT[1:],
+                    url,
+                    f"+{target}:{_READY_PIN}",
+                ],
+                token,
+                tree,
+                tree_limits,
+                url=url,
+                addresses=addresses,
+            )
+            git_dir = tree / ".git"
+            commit = (git_dir / "FETCH_HEAD").read_text(encoding="ascii").split("\t", 1)[0]
+            if not git.SHA.fullmatch(commit):
+                raise _Broken("the ready tree's FETCH_HEAD holds no commit")
+            if git.SHA.fullmatch(target) and commit.lower() != target.lower():
+                raise git.CloneFailed(f"ref {target!r} not found")
+            git.tree_census(git.git_env(None, url), tree, tree_limits, "FETCH_HEAD")
+            # Only the files that differ from the tree's commit are written.
+            self._git(
+                ["checkout", "-q", "--detach", "--force", "FETCH_HEAD", "--"],
+                None,
+                tree,
+                tree_limits,
+            )
+            (git_dir / "FETCH_HEAD").unlink()  # it names the server
+            head = (git_dir / "HEAD").read_text(encoding="ascii").strip()
+        except git.CloneFailed as failed:
+            if _suspect(failed):
+                raise _Broken(failed.message) from None
+            raise
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Broken(f"{type(exc).__name__} reading the ready tree") from None
+        if not git.SHA.fullmatch(head):
+            raise _Broken("the checkout did not leave a detached HEAD")
+        return head
 
     def _update(
         self,
@@ -424,16 +601,19 @@ class RepoCache:
             os.close(fd)  # also releases the lock
 
     def size(self) -> int:
-        return git.dir_size(self.root / "mirrors")
+        return git.dir_size(self.root / "mirrors") + git.dir_size(self.root / "ready")
 
     def evict(self) -> list[Path]:
-        """Drop least recently used mirrors that no job holds until the cache fits."""
+        """Drop least recently used repositories (mirror and ready tree) that no job holds
+        until the cache fits."""
         mirrors = self.root / "mirrors"
         entries: list[tuple[float, int, Path]] = []
         with contextlib.suppress(OSError):
             for path in mirrors.glob("*.git"):
+                ready = self.root / "ready" / path.name.removesuffix(".git")
                 with contextlib.suppress(OSError):
-                    entries.append((path.lstat().st_mtime, git.dir_size(path), path))
+                    size = git.dir_size(path) + git.dir_size(ready)
+                    entries.append((path.lstat().st_mtime, size, path))
         total = sum(size for _, size, _ in entries)
         dropped: list[Path] = []
         for _, size, path in sorted(entries):
@@ -460,6 +640,12 @@ class RepoCache:
             except OSError:
                 return False
             git.remove_tree(trash)
+            # Its ready tree too, unless a job took it a moment ago (then it is the job's).
+            ready = self.root / "ready" / mirror.name.removesuffix(".git")
+            ready_trash = ready.with_name(f".trash-{secrets.token_hex(4)}")
+            with contextlib.suppress(OSError):
+                ready.rename(ready_trash)
+                git.remove_tree(ready_trash)
             return True
         finally:
             os.close(fd)
@@ -478,3 +664,28 @@ def _suspect(failed: git.CloneFailed) -> bool:
     """True when git failed in a way that is not the server's answer (auth, missing ref,
     size, timeout): a damaged mirror is the likely cause."""
     return failed.message.startswith("git failed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Later:
+    """What background work after a clone needs of that clone."""
+
+    url: str
+    ref: str | None
+    token: str | None
+    timeout_s: float
+    max_bytes: int
+    max_entries: int
+    addresses: tuple[str, ...]
+
+    def limits(self, dest: Path) -> git.Limits:
+        return git.Limits.start(
+            dest,
+            time.monotonic(),
+            self.timeout_s,
+            self.max_bytes,
+            self.max_entries,
+            threading.Event(),
+            self.token,
+            self.ref or "HEAD",
+        )

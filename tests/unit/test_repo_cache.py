@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.adapters.git import CloneResult, clone
+from app.adapters.git import CloneResult, clone, remove_tree
 from app.adapters.repo_cache import RepoCache, cache_key, normalize_url
 from app.config import load_settings
 from app.errors import JobFailure
@@ -130,6 +130,7 @@ async def test_second_clone_fetches_only_what_changed(tmp_path: Path) -> None:
 async def test_two_concurrent_jobs_on_one_repository_with_different_refs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="fondation.repo_cache")
     root = tmp_path / "srv"
     bare = make_repo(
         root / "demo.git",
@@ -155,7 +156,10 @@ async def test_two_concurrent_jobs_on_one_repository_with_different_refs(
     assert (tmp_path / "job1" / "feature.txt").read_text() == "feature\n"
     assert not (tmp_path / "job0" / "feature.txt").exists()
     assert [p.name for p in (cache.root / "mirrors").iterdir()] == [f"{cache_key(url)}.git"]
-    assert "dropped a mirror" not in caplog.text  # no job fell back to a direct clone
+    assert "dropped a" not in caplog.text  # no job fell back to a direct clone
+    # One job took the ready tree (a rename: never two), the others went through the mirror.
+    assert caplog.text.count("cloned from a ready tree") == 1
+    assert caplog.text.count("cloned through the repository cache") == 3
 
 
 async def test_eviction_keeps_the_cache_under_its_size_bound(tmp_path: Path) -> None:
@@ -174,6 +178,8 @@ async def test_eviction_keeps_the_cache_under_its_size_bound(tmp_path: Path) -> 
         await _clone(cache, server.url_for("c"), None, tmp_path / "c1")
         kept = {p.name for p in (cache.root / "mirrors").iterdir()}
         assert kept == {f"{cache_key(server.url_for(n))}.git" for n in ("a", "c")}
+        ready = {p.name for p in (cache.root / "ready").iterdir()}
+        assert ready == {cache_key(server.url_for(n)) for n in ("a", "c")}
         assert cache.size() <= cache.max_bytes
         # A mirror larger than the whole bound is used once, then dropped.
         tiny = RepoCache(tmp_path / "tiny", 1000, min_clone_bytes=0, fill_delay_s=0)
@@ -181,33 +187,30 @@ async def test_eviction_keeps_the_cache_under_its_size_bound(tmp_path: Path) -> 
     assert (tmp_path / "b2" / "blob.bin").stat().st_size == 600_000
     assert result.commit
     assert tiny.size() == 0
+    assert not any((tiny.root / "ready").iterdir())
 
 
+@pytest.mark.parametrize("way", ["mirror", "ready tree"])
 @pytest.mark.parametrize("damage", ["truncate packs", "garbage config", "not a repository"])
 async def test_a_corrupt_mirror_is_dropped_and_never_fails_the_job(
-    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, damage: str, way: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The job goes through the damaged mirror (no ready tree), or takes the ready tree and
+    the damage is found when the mirror is brought up to date behind it."""
+    caplog.set_level(logging.INFO, logger="fondation.repo_cache")
     root = tmp_path / "srv"
     bare = make_repo(root / "demo.git", {"README.md": "# Demo\n", "src/a.py": "a = 1\n"})
     cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
     with GitHttpServer(root) as server:
         url = server.url_for("demo")
         await _clone(cache, url, "main", tmp_path / "a")
-        mirror = cache.mirror_path(url)
-        if damage == "truncate packs":
-            for path in (mirror / "objects").rglob("*"):
-                if path.is_file():
-                    path.chmod(0o644)
-                    path.write_bytes(path.read_bytes()[:20])
-        elif damage == "garbage config":
-            (mirror / "config").write_text("[core\n\tbare = maybe\n[[[")
-        else:
-            for child in mirror.iterdir():
-                if child.is_dir():
-                    subprocess.run(["rm", "-rf", str(child)], check=True)
+        if way == "mirror":
+            remove_tree(cache.ready_path(url))
+        _damage(cache.mirror_path(url), damage)
         head = _commit(bare, {"README.md": "# Demo 2\n"}, "second")
         result = await _clone(cache, url, "main", tmp_path / "b")
         assert result.commit == head
+        assert ("cloned from a ready tree" in caplog.text) is (way == "ready tree")
         # A config is rewritten before each fetch; broken objects drop the mirror.
         assert ("dropped a mirror" in caplog.text) is (damage != "garbage config")
         assert (tmp_path / "b" / "README.md").read_text() == "# Demo 2\n"
@@ -216,6 +219,102 @@ async def test_a_corrupt_mirror_is_dropped_and_never_fails_the_job(
         again = await _clone(cache, url, "main", tmp_path / "c")
     assert again.commit == head
     assert head in (cache.mirror_path(url) / "shallow").read_text().split()
+
+
+def _damage(repo: Path, damage: str) -> None:
+    if damage == "truncate packs":
+        for path in (repo / "objects").rglob("*"):
+            if path.is_file():
+                path.chmod(0o644)
+                path.write_bytes(path.read_bytes()[:20])
+    elif damage == "garbage config":
+        (repo / "config").write_text("[core\n\tbare = maybe\n[[[")
+    else:
+        for child in repo.iterdir():
+            if child.is_dir():
+                subprocess.run(["rm", "-rf", str(child)], check=True)
+
+
+async def test_a_repeated_job_takes_the_ready_tree_and_fetches_only_what_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fondation.repo_cache")
+    root = tmp_path / "srv"
+    big = os.urandom(100_000).hex()
+    bare = make_repo(root / "demo.git", {"README.md": "# Demo\n", "big.txt": big})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        first = await _clone(cache, url, "main", tmp_path / "a")
+        ready = cache.ready_path(url)
+        assert (ready / ".git" / "HEAD").read_text().strip() == first.commit
+        head = _commit(bare, {"README.md": "# Demo 2\n"}, "second")
+        sent = server.bytes_sent
+        second = await clone(
+            url, "main", tmp_path / "b", token=None, timeout_s=30, max_bytes=LIMIT, cache=cache
+        )
+        job_bytes = server.bytes_sent - sent
+        await asyncio.to_thread(cache.settle, 30)
+    assert "cloned from a ready tree" in caplog.text
+    assert second.commit == head
+    assert (tmp_path / "b" / "README.md").read_text() == "# Demo 2\n"
+    assert (tmp_path / "b" / "big.txt").read_text() == big
+    # The 200 kB file was in the tree already: only the new commit's objects travelled.
+    assert job_bytes < 20_000, job_bytes
+    git_dir = tmp_path / "b" / ".git"
+    assert not (git_dir / "FETCH_HEAD").exists()
+    assert not (git_dir / "objects" / "info" / "alternates").exists()
+    assert str(cache.root) not in (git_dir / "config").read_text()
+    # Behind the job: the mirror was brought to its commit and a new ready tree made from it.
+    assert head in (cache.mirror_path(url) / "shallow").read_text().split()
+    assert (ready / ".git" / "HEAD").read_text().strip() == head
+    assert not [p for p in ready.parent.iterdir() if p.name.startswith(".")]
+
+
+async def test_a_ready_trees_index_is_trusted_so_a_checkout_reads_no_file(
+    tmp_path: Path,
+) -> None:
+    """Git compares whole seconds: files written in the index's second are "racily clean", and
+    the job's checkout would hash each of them. The ready tree's index is written later."""
+    root = tmp_path / "srv"
+    make_repo(root / "demo.git", {f"f{i}.txt": f"{i}\n" for i in range(20)})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        await _clone(cache, url, "main", tmp_path / "a")
+    ready = cache.ready_path(url)
+    index_s = int((ready / ".git" / "index").stat().st_mtime)
+    for i in range(20):
+        assert int((ready / f"f{i}.txt").stat().st_mtime) < index_s
+
+
+async def test_a_damaged_ready_tree_falls_back_to_the_mirror(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fondation.repo_cache")
+    root = tmp_path / "srv"
+    bare = make_repo(root / "demo.git", {"README.md": "# Demo\n", "src/a.py": "a = 1\n"})
+    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
+    with GitHttpServer(root) as server:
+        url = server.url_for("demo")
+        await _clone(cache, url, "main", tmp_path / "a")
+        _damage(cache.ready_path(url) / ".git", "truncate packs")
+        head = _commit(bare, {"README.md": "# Demo 2\n"}, "second")
+        result = await _clone(cache, url, "main", tmp_path / "b")
+    assert "dropped a ready tree" in caplog.text
+    assert "cloned through the repository cache" in caplog.text
+    assert result.commit == head
+    assert (tmp_path / "b" / "README.md").read_text() == "# Demo 2\n"
+    assert (tmp_path / "b" / "src" / "a.py").read_text() == "a = 1\n"
+
+
+def test_a_stopped_workers_half_made_trees_are_swept_at_start(tmp_path: Path) -> None:
+    settings = load_settings({"DATA_DIR": str(tmp_path), "CLI_USER": "nobody"})
+    ready = settings.repo_cache_dir / "ready"
+    for name in (".build-1a2b", ".taken-3c4d", "0123abcd"):
+        (ready / name / ".git").mkdir(parents=True)
+    RepoCache.from_settings(settings)
+    assert [p.name for p in ready.iterdir()] == ["0123abcd"]
 
 
 async def test_token_reaches_the_server_but_never_the_mirror(tmp_path: Path) -> None:

@@ -450,7 +450,7 @@ async def test_the_clone_phase_goes_through_the_repository_cache(
     tmp_path: Path, git_server: tuple[Path, GitHttpServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     """With CLI_USER the job manager's cache reaches the clone phase: the second clone of a
-    repository is made from its mirror."""
+    repository is made from its ready tree."""
     from dataclasses import replace
 
     from app.adapters.repo_cache import RepoCache
@@ -468,4 +468,4 @@ async def test_the_clone_phase_goes_through_the_repository_cache(
         result = await clone.clone(attempt, inp)
         assert result.commit == rev_parse(root / "demo.git", "main")
         await asyncio.to_thread(cache.settle, 30)
-    assert "cloned through the repository cache" in caplog.text
+    assert "cloned from a ready tree" in caplog.text
