@@ -73,5 +73,15 @@ def test_profile_summary_counts_own_and_cumulative_samples(tmp_path: Path) -> No
     assert " 75.0%  handler (b.py:2)" in text and "100.0%  main (a.py:1)" in text
 
 
-def test_cached_worker_launcher_imports() -> None:
-    assert callable(importlib.import_module("bench.cached_worker").main)
+def test_stamp_script_stamps_then_execs(tmp_path: Path) -> None:
+    stamp = tmp_path / "stamps.txt"
+    out = subprocess.run(
+        ["/bin/sh", str(REPO / "bench" / "stamp.sh"), str(stamp), "/w/j1-1-ab/out", "echo", "ran"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout == "ran\n"
+    at, out_dir = stamp.read_text().split()
+    assert out_dir == "/w/j1-1-ab/out" and float(at) > 1.7e9
