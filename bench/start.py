@@ -56,7 +56,7 @@ from bench.common import (
     running,
     wait_for,
 )
-from bench.dispatch import POLL_INTERVAL_S, _stamps
+from bench.dispatch import POLL_INTERVAL_S, _command, _stamps
 from tests.support.gitserver import GitHttpServer, git_env, make_repo
 from tests.support.worker import WorkerProcess, base_env
 
@@ -88,15 +88,6 @@ def move_by_one_commit(bare: Path, n: int) -> None:
 SYSTEM_PYTHON = "/usr/bin/python3"  # the CLI runs as nobody, who cannot reach a venv under /root
 
 
-def cli_command(stamp: Path) -> str:
-    paced = REPO_ROOT / "bench" / "paced_cli.py"
-    return (
-        f"/bin/sh {REPO_ROOT / 'bench' / 'stamp.sh'} {stamp} {{output_dir}} "
-        f"{SYSTEM_PYTHON} {paced} --lines 0 --seconds 0 -- "
-        "analyze {repo_dir} --output-dir {output_dir}"
-    )
-
-
 def open_to_the_cli_user(tmp: Path, stamp: Path) -> None:
     """The CLI runs as nobody: the way down to the work directory searchable, the stamp file
     writable."""
@@ -119,7 +110,7 @@ def worker(tmp: Path, stamp: Path, *, cached: bool) -> Iterator[WorkerProcess]:
         LOG_LEVEL="INFO",
         MAX_CONCURRENT_JOBS="4",
         CLI_USER="nobody",
-        FONDATION_COMMAND=cli_command(stamp),
+        FONDATION_COMMAND=_command(stamp, SYSTEM_PYTHON),
         PYTHONPATH=f"{REPO_ROOT}:{site}",
         CLI_ENV_PASSTHROUGH="PYTHONPATH",
         REPO_CACHE_DIR=str(tmp / "repo-cache"),
