@@ -8,9 +8,9 @@ which each job's work tree is made, so a repository cloned before only downloads
 A repeated job takes the repository's ready tree whole (a rename, so one job only) and moves
 it to its ref with one fetch from the server (the tree's commit is pinned under a ref, so it
 is a "have" and only what changed travels) and a checkout that rewrites only the files that
-changed; the tree is then renamed to the job's `repo`. A checkout of a few megabytes costs
-more than the fetch (bench.start: 120-210 ms against 60-70 ms on loopback), so a job start
-pays neither the copy out of the mirror nor a full checkout. Afterwards, in the background
+changed; the tree is then renamed to the job's `repo`. A full checkout costs more than the
+fetch (a 2.7 MB tree: 120-210 ms against 60-70 ms on loopback), so a job start pays neither
+the copy out of the mirror nor a full checkout. Afterwards, in the background
 (`fill_delay_s` later, niced), the mirror is brought to that commit and a new ready tree is
 made from it for the next job.
 
@@ -51,9 +51,10 @@ exactly as a direct clone would (no token in its config, its FETCH_HEAD deleted)
 
 A mirror that fails in a way that is not the server's answer (git reports a bad object, a
 missing object, a broken repository) is dropped and the job falls back to a direct clone
-(`git.clone_sync`): the cache never fails a job; so is a ready tree git cannot use. The
-cache is bounded by `max_bytes` (mirrors and ready trees); the least recently used
-repositories that no job holds are evicted after each clone.
+(`git.clone_sync`); a ready tree git cannot use is deleted and the job goes through the
+mirror: the cache never fails a job. The cache is bounded by `max_bytes` (mirrors and ready
+trees); the least recently used repositories that no job holds are evicted after each clone.
+The git steps themselves are in `cache_git`.
 
 Why the cache needs CLI_USER (`from_settings`): a CLI running as the worker's own user could
 read every mirror (private repositories included), race a mirror's FETCH_HEAD between a job's
@@ -63,7 +64,6 @@ fetch and its read, or write into a ready tree before the next job takes it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from app.adapters import git
+from app.adapters import cache_git, git
 from app.config import Settings
 
 __all__ = ["RepoCache", "cache_key", "normalize_url"]
@@ -86,25 +86,6 @@ log = logging.getLogger("fondation.repo_cache")
 
 _LOCK_POLL_S = 0.02
 _FILL_NICE = 10
-_RACY_MARGIN_S = 0.02  # file times come from the kernel's coarse clock, a tick behind
-# A shallow fetch of one commit: no tags, no submodules, no commit-graph to write; what
-# follows `--` is the source and the refspec. (A job's fetch into a ready tree also skips
-# `git maintenance run --auto`: a process on the job's path, for a repository used once.)
-_FETCH_ONE_COMMIT = (
-    "fetch",
-    "--quiet",
-    "--depth",
-    "1",
-    "--no-tags",
-    "--no-recurse-submodules",
-    "--no-write-commit-graph",
-    "--",
-)
-# Pins a ready tree's commit, so that the job's fetch sends it as a "have".
-_READY_PIN = "refs/fondation/base"
-_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = {bare}\n"
-# Files a hostile process could plant in a mirror to steer the next git run in it.
-_PLANTABLE = ("objects/info/alternates", "objects/info/http-alternates", "info/grafts", "commondir")
 
 
 def normalize_url(url: str) -> str:
@@ -122,10 +103,6 @@ def normalize_url(url: str) -> str:
 
 def cache_key(url: str) -> str:
     return hashlib.sha256(normalize_url(url).encode()).hexdigest()[:32]
-
-
-class _Broken(Exception):
-    """The mirror, not the server, failed: drop it and clone directly."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,9 +190,9 @@ class RepoCache:
         ready = self._take_ready(url)
         if ready is not None:
             try:
-                commit = self._move_ready(ready, url, ref, token, addresses, limits)
+                commit = cache_git.move_ready(ready, url, ref, token, addresses, limits)
                 os.rename(ready, dest)  # dest is empty: replaced
-            except (_Broken, OSError) as unusable:
+            except (cache_git.Broken, OSError) as unusable:
                 # The tree, not the server, failed (or dest is on another filesystem): the
                 # mirror's way below.
                 log.warning(
@@ -242,11 +219,13 @@ class RepoCache:
                 )
         try:
             with self._locked(key, fcntl.LOCK_EX, limits):
-                commit, fetched = self._update(mirror, url, ref, token, addresses, limits)
+                commit, fetched = cache_git.update_mirror(
+                    mirror, url, ref, token, addresses, limits
+                )
             fetched_at = time.monotonic()
             with self._locked(key, fcntl.LOCK_SH, limits):
-                commit = self._work_tree(mirror, commit, dest, limits)
-        except (_Broken, OSError) as broken:
+                commit = cache_git.work_tree(mirror, commit, dest, limits)
+        except (cache_git.Broken, OSError) as broken:
             # The cache's own failure (a damaged mirror, its disk): never the job's.
             log.warning(
                 "repository cache dropped a mirror",
@@ -294,7 +273,7 @@ class RepoCache:
             time.sleep(self.fill_delay_s)
             try:
                 self._refill(key, later, commit)
-            except (_Broken, OSError) as broken:
+            except (cache_git.Broken, OSError) as broken:
                 # The mirror failed, not the server: drop it, so that no job goes through it.
                 log.warning(
                     "repository cache dropped a mirror",
@@ -330,7 +309,7 @@ class RepoCache:
         fetched = 0
         if commit is None:
             with self._locked(key, fcntl.LOCK_EX, limits):
-                commit, fetched = self._update(
+                commit, fetched = cache_git.update_mirror(
                     mirror, later.url, later.ref, later.token, later.addresses, limits
                 )
         made = False
@@ -342,21 +321,7 @@ class RepoCache:
                     if not mirror.is_dir():
                         return  # evicted meanwhile: the cache has no room for it
                     building.parent.mkdir(parents=True, exist_ok=True)
-                    commit = self._work_tree(mirror, commit, building, later.limits(building))
-                    # The checkout wrote the files and the index within one second, and git
-                    # compares whole seconds (built without USE_NSEC, as Debian's is): it
-                    # cannot trust the index's stat data ("racily clean"), and the taking
-                    # job's checkout would re-read and hash every file (bench: 25-40 ms of
-                    # a 2.7 MB tree's; ~4 ms once trusted). Refreshed in the next second, the
-                    # index is trusted.
-                    time.sleep(1.0 - time.time() % 1.0 + _RACY_MARGIN_S)
-                    self._git(
-                        ["update-index", "-q", "--refresh"], None, building, later.limits(building)
-                    )
-                    # Pinned, so that the taking job's fetch sends it as a "have".
-                    pin = building / ".git" / _READY_PIN
-                    pin.parent.mkdir(parents=True, exist_ok=True)
-                    pin.write_text(f"{commit}\n", encoding="ascii")
+                    commit = cache_git.make_ready(mirror, commit, building, later.limits(building))
                 with contextlib.suppress(OSError):  # a ready tree exists already: keep it
                     os.rename(building, ready)
                     made = True
@@ -388,190 +353,6 @@ class RepoCache:
         except OSError:
             return None
         return taken
-
-    def _move_ready(
-        self,
-        tree: Path,
-        url: str,
-        ref: str | None,
-        token: str | None,
-        addresses: tuple[str, ...],
-        limits: git.Limits,
-    ) -> str:
-        """Fetch `ref` from the server into a taken ready tree and check it out; return the
-        commit. Raises `git.CloneFailed` for the server's answer, `_Broken` for the tree's."""
-        tree_limits = dataclasses.replace(limits, dest=tree)
-        target = "HEAD" if ref is None else ref
-        try:
-            self._git(
-                [
-                    "fetch",
-                    "--no-auto-maintenance",
-                    *_FETCH_ONE_COMMIT[1:],
-                    url,
-                    f"+{target}:{_READY_PIN}",
-                ],
-                token,
-                tree,
-                tree_limits,
-                url=url,
-                addresses=addresses,
-            )
-            git_dir = tree / ".git"
-            commit = (git_dir / "FETCH_HEAD").read_text(encoding="ascii").split("\t", 1)[0]
-            if not git.SHA.fullmatch(commit):
-                raise _Broken("the ready tree's FETCH_HEAD holds no commit")
-            if git.SHA.fullmatch(target) and commit.lower() != target.lower():
-                raise git.CloneFailed(f"ref {target!r} not found")
-            git.tree_census(git.git_env(None, url), tree, tree_limits, "FETCH_HEAD")
-            # Only the files that differ from the tree's commit are written.
-            self._git(
-                ["checkout", "-q", "--detach", "--force", "FETCH_HEAD", "--"],
-                None,
-                tree,
-                tree_limits,
-            )
-            (git_dir / "FETCH_HEAD").unlink()  # it names the server
-            head = (git_dir / "HEAD").read_text(encoding="ascii").strip()
-        except git.CloneFailed as failed:
-            if _suspect(failed):
-                raise _Broken(failed.message) from None
-            raise
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _Broken(f"{type(exc).__name__} reading the ready tree") from None
-        if not git.SHA.fullmatch(head):
-            raise _Broken("the checkout did not leave a detached HEAD")
-        return head
-
-    def _update(
-        self,
-        mirror: Path,
-        url: str,
-        ref: str | None,
-        token: str | None,
-        addresses: tuple[str, ...],
-        limits: git.Limits,
-    ) -> tuple[str, int]:
-        """Fetch `ref` into the mirror (created if missing); return its commit and the bytes
-        the mirror grew by."""
-        fresh = not mirror.is_dir() or mirror.is_symlink()
-        if fresh:
-            git.remove_tree(mirror)
-            mirror.parent.mkdir(parents=True, exist_ok=True)
-            _init(mirror, bare=True)
-        else:
-            self._sanitize(mirror)
-        # The size watch covers what this fetch adds, not what earlier jobs left; measured as
-        # the watch measures (disk blocks and entries), in one walk of the mirror.
-        before, entries = git.disk_usage(mirror) if mirror.is_dir() else (0, 0)
-        fetch_limits = dataclasses.replace(
-            limits,
-            dest=mirror,
-            max_bytes=before + limits.max_bytes,
-            max_entries=limits.max_entries + entries,
-        )
-        target = "HEAD" if ref is None else ref
-        # Pinned under a ref of its own: the commit stays a "have" for the next fetch.
-        pin = f"refs/cache/{hashlib.sha1(target.encode()).hexdigest()}"  # noqa: S324 - a name
-        try:
-            self._git(
-                [
-                    f"--git-dir={mirror}",
-                    *_FETCH_ONE_COMMIT,
-                    url,
-                    f"+{target}:{pin}",
-                ],
-                token,
-                mirror,
-                fetch_limits,
-                url=url,
-                addresses=addresses,
-            )
-            commit = (mirror / "FETCH_HEAD").read_text(encoding="ascii").split("\t", 1)[0]
-            if not git.SHA.fullmatch(commit):
-                raise _Broken("the mirror's FETCH_HEAD holds no commit")
-            if git.SHA.fullmatch(target) and commit.lower() != target.lower():
-                raise git.CloneFailed(f"ref {target!r} not found")
-        except git.CloneFailed as failed:
-            if fresh:
-                git.remove_tree(mirror)  # no empty mirror for a URL that did not clone
-            if not fresh and _suspect(failed):
-                raise _Broken(failed.message) from None
-            raise
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _Broken(f"{type(exc).__name__} reading the mirror") from None
-        return commit, git.disk_usage(mirror)[0] - before
-
-    def _work_tree(self, mirror: Path, commit: str, dest: Path, limits: git.Limits) -> str:
-        """Make `dest` a checkout of `commit` (a commit or an annotated tag) with its own
-        objects, verified by index-pack; return the commit checked out."""
-        local = (
-            ("protocol.file.allow", "always"),  # the mirror only, by its path; never the job's URL
-            ("uploadpack.allowAnySHA1InWant", "true"),
-        )
-        try:
-            _init(dest / ".git", bare=False)
-            self._git(
-                [
-                    *_FETCH_ONE_COMMIT,
-                    mirror.as_uri(),
-                    commit,
-                ],
-                None,
-                dest,
-                limits,
-                local,
-            )
-            # The same census as a direct clone's before anything is checked out: a tiny pack
-            # can describe a huge tree.
-            git.tree_census(git.git_env(None, mirror.as_uri()), dest, limits, "FETCH_HEAD")
-            # FETCH_HEAD, not `commit`: an annotated tag's id peels to its commit here.
-            self._git(
-                ["checkout", "-q", "--detach", "--force", "FETCH_HEAD", "--"], None, dest, limits
-            )
-        except git.CloneFailed as failed:
-            if _suspect(failed):
-                raise _Broken(failed.message) from None
-            raise
-        with contextlib.suppress(FileNotFoundError):
-            (dest / ".git" / "FETCH_HEAD").unlink()  # it names the mirror
-        head = (dest / ".git" / "HEAD").read_text(encoding="ascii").strip()
-        if not git.SHA.fullmatch(head):
-            raise _Broken("the checkout did not leave a detached HEAD")
-        return head
-
-    @staticmethod
-    def _git(
-        args: list[str],
-        token: str | None,
-        cwd: Path,
-        limits: git.Limits,
-        extra: tuple[tuple[str, str], ...] = (),
-        *,
-        url: str | None = None,
-        addresses: tuple[str, ...] = (),
-    ) -> None:
-        # The token header is scoped to the repository's origin, and git connects only to
-        # the addresses the URL policy checked (both as for a direct clone).
-        env = git.git_env(token, url or cwd.as_uri())
-        if url is not None:
-            git.pin_addresses(env, url, addresses)
-        if extra:
-            count = int(env["GIT_CONFIG_COUNT"])
-            for i, (key, value) in enumerate(extra, start=count):
-                env[f"GIT_CONFIG_KEY_{i}"] = key
-                env[f"GIT_CONFIG_VALUE_{i}"] = value
-            env["GIT_CONFIG_COUNT"] = str(count + len(extra))
-            env["GIT_ALLOW_PROTOCOL"] = "file"
-        git.run_git(args, env, cwd, limits)
-
-    @staticmethod
-    def _sanitize(mirror: Path) -> None:
-        """Undo what a hostile process could have planted in the mirror since its last use."""
-        (mirror / "config").write_text(_CONFIG.format(bare="true"), encoding="ascii")
-        for name in _PLANTABLE:
-            git.remove_tree(mirror / name)
-        git.remove_tree(mirror / "hooks")
 
     # -- locks and eviction ------------------------------------------------------------
 
@@ -649,21 +430,6 @@ class RepoCache:
             return True
         finally:
             os.close(fd)
-
-
-def _init(git_dir: Path, *, bare: bool) -> None:
-    """What `git init --template=` writes, without starting a process (~40 ms each under
-    load, on a path every job takes)."""
-    for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
-        (git_dir / sub).mkdir(parents=True, exist_ok=True)
-    (git_dir / "HEAD").write_text("ref: refs/heads/main\n", encoding="ascii")
-    (git_dir / "config").write_text(_CONFIG.format(bare=str(bare).lower()), encoding="ascii")
-
-
-def _suspect(failed: git.CloneFailed) -> bool:
-    """True when git failed in a way that is not the server's answer (auth, missing ref,
-    size, timeout): a damaged mirror is the likely cause."""
-    return failed.message.startswith("git failed")
 
 
 @dataclass(frozen=True, slots=True)
