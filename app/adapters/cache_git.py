@@ -16,19 +16,6 @@ from app.adapters import git
 
 __all__ = ["READY_PIN", "Broken", "make_ready", "move_ready", "update_mirror", "work_tree"]
 
-# A shallow fetch of one commit: no tags, no submodules, no commit-graph to write; what
-# follows `--` is the source and the refspec. (A job's fetch into a ready tree also skips
-# `git maintenance run --auto`: a process on the job's path, for a repository used once.)
-_FETCH_ONE_COMMIT = (
-    "fetch",
-    "--quiet",
-    "--depth",
-    "1",
-    "--no-tags",
-    "--no-recurse-submodules",
-    "--no-write-commit-graph",
-    "--",
-)
 # Pins a ready tree's commit, so that the job's fetch sends it as a "have".
 READY_PIN = "refs/fondation/base"
 _CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = {bare}\n"
@@ -75,7 +62,7 @@ def update_mirror(
         run(
             [
                 f"--git-dir={mirror}",
-                *_FETCH_ONE_COMMIT,
+                *git.FETCH_ONE_COMMIT,
                 url,
                 f"+{target}:{pin}",
             ],
@@ -112,7 +99,7 @@ def work_tree(mirror: Path, commit: str, dest: Path, limits: git.Limits) -> str:
         init(dest / ".git", bare=False)
         run(
             [
-                *_FETCH_ONE_COMMIT,
+                *git.FETCH_ONE_COMMIT,
                 mirror.as_uri(),
                 commit,
             ],
@@ -172,8 +159,9 @@ def move_ready(
         run(
             [
                 "fetch",
+                # a process on the job's path, for a repository used once
                 "--no-auto-maintenance",
-                *_FETCH_ONE_COMMIT[1:],
+                *git.FETCH_ONE_COMMIT[1:],
                 url,
                 f"+{target}:{READY_PIN}",
             ],

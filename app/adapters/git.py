@@ -89,6 +89,18 @@ _BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 _AUTH_HEADER = re.compile(r"(?i)(authorization:\s*)(\S+\s+)?\S+")
 _CLONE_FAILED = str(FailureCode.CLONE_FAILED)
+# A shallow fetch of one commit: no tags, no submodules, no commit-graph to write; what
+# follows `--` is the source and the refspec.
+FETCH_ONE_COMMIT = (
+    "fetch",
+    "--quiet",
+    "--depth",
+    "1",
+    "--no-tags",
+    "--no-recurse-submodules",
+    "--no-write-commit-graph",
+    "--",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,17 +554,7 @@ def _clone_sync(
         # A commit can only be fetched by id, into an empty repository.
         _run_git(["init", "-q", "--", str(dest)], env, dest, limits)
         _run_git(
-            [
-                "fetch",
-                "--quiet",
-                "--depth",
-                "1",
-                "--no-tags",
-                "--no-recurse-submodules",
-                "--",
-                url,
-                ref,
-            ],
+            [*FETCH_ONE_COMMIT, url, ref],
             env,
             dest,
             limits,

@@ -98,35 +98,6 @@ async def test_a_small_repository_gets_no_mirror(tmp_path: Path) -> None:
         assert cache.mirror_path(server.url_for("big")).is_dir()
 
 
-async def test_second_clone_fetches_only_what_changed(tmp_path: Path) -> None:
-    root = tmp_path / "srv"
-    big = os.urandom(100_000).hex()
-    bare = make_repo(root / "demo.git", {"README.md": "# Demo\n", "big.txt": big})
-    cache = RepoCache(tmp_path / "cache", LIMIT, min_clone_bytes=0, fill_delay_s=0)
-    with GitHttpServer(root) as server:
-        url = server.url_for("demo")
-        first = await _clone(cache, url, "main", tmp_path / "a")
-        assert (tmp_path / "a" / "README.md").read_text() == "# Demo\n"
-        mirror = cache.mirror_path(url)
-        before = cache.size()
-        head = _commit(bare, {"README.md": "# Demo 2\n"}, "second")
-        second = await _clone(cache, url, "main", tmp_path / "b")
-    assert first.commit != second.commit == head
-    assert (tmp_path / "b" / "README.md").read_text() == "# Demo 2\n"
-    assert (tmp_path / "b" / "big.txt").read_text() == big
-    # The unchanged 200 kB file came from the mirror: it grew by far less than that.
-    assert 0 < cache.size() - before < 20_000
-    assert mirror.is_dir()
-    # The work tree shares nothing with the mirror: own objects, no link back to it.
-    git_dir = tmp_path / "b" / ".git"
-    assert not (git_dir / "objects" / "info" / "alternates").exists()
-    assert not (git_dir / "FETCH_HEAD").exists()
-    assert str(cache.root) not in (git_dir / "config").read_text()
-    for path in (git_dir / "objects").rglob("*"):
-        if path.is_file():
-            assert path.stat().st_nlink == 1, path
-
-
 async def test_two_concurrent_jobs_on_one_repository_with_different_refs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -235,9 +206,13 @@ def _damage(repo: Path, damage: str) -> None:
                 subprocess.run(["rm", "-rf", str(child)], check=True)
 
 
-async def test_a_repeated_job_takes_the_ready_tree_and_fetches_only_what_changed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("way", ["ready tree", "mirror"])
+async def test_a_repeated_job_fetches_only_what_changed(
+    tmp_path: Path, way: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The second job on a repository takes its ready tree, or (none there: another job holds
+    it) goes through the mirror; either way only the new commit's objects travel, and the work
+    tree shares nothing with the cache."""
     caplog.set_level(logging.INFO, logger="fondation.repo_cache")
     root = tmp_path / "srv"
     big = os.urandom(100_000).hex()
@@ -248,6 +223,8 @@ async def test_a_repeated_job_takes_the_ready_tree_and_fetches_only_what_changed
         first = await _clone(cache, url, "main", tmp_path / "a")
         ready = cache.ready_path(url)
         assert (ready / ".git" / "HEAD").read_text().strip() == first.commit
+        if way == "mirror":
+            remove_tree(ready)
         head = _commit(bare, {"README.md": "# Demo 2\n"}, "second")
         sent = server.bytes_sent
         second = await clone(
@@ -255,17 +232,21 @@ async def test_a_repeated_job_takes_the_ready_tree_and_fetches_only_what_changed
         )
         job_bytes = server.bytes_sent - sent
         await asyncio.to_thread(cache.settle, 30)
-    assert "cloned from a ready tree" in caplog.text
+    assert ("cloned from a ready tree" in caplog.text) is (way == "ready tree")
     assert second.commit == head
     assert (tmp_path / "b" / "README.md").read_text() == "# Demo 2\n"
     assert (tmp_path / "b" / "big.txt").read_text() == big
-    # The 200 kB file was in the tree already: only the new commit's objects travelled.
+    # The 200 kB file was in the cache already: only the new commit's objects travelled.
     assert job_bytes < 20_000, job_bytes
+    # The work tree shares nothing with the cache: own objects, no link back to it.
     git_dir = tmp_path / "b" / ".git"
     assert not (git_dir / "FETCH_HEAD").exists()
     assert not (git_dir / "objects" / "info" / "alternates").exists()
     assert str(cache.root) not in (git_dir / "config").read_text()
-    # Behind the job: the mirror was brought to its commit and a new ready tree made from it.
+    for path in (git_dir / "objects").rglob("*"):
+        if path.is_file():
+            assert path.stat().st_nlink == 1, path
+    # Behind the job: the mirror holds its commit, and a new ready tree was made from it.
     assert head in (cache.mirror_path(url) / "shallow").read_text().split()
     assert (ready / ".git" / "HEAD").read_text().strip() == head
     assert not [p for p in ready.parent.iterdir() if p.name.startswith(".")]
