@@ -31,9 +31,10 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -85,14 +86,23 @@ def _stamps(stamp: Path) -> dict[str, float]:
 
 def _claimed(log: Path) -> dict[str, float]:
     """job id → unix time of the worker's `job claimed` log line (ms precision)."""
+    return _logged(log, "job claimed", lambda doc: str(doc["job_id"]))
+
+
+def _received(log: Path) -> dict[str, float]:
+    """job id → unix time of the worker's `webhook` log line for its `job.start`."""
+    return _logged(log, "webhook", lambda doc: str(doc["webhook_id"]).rsplit(":", 1)[0])
+
+
+def _logged(log: Path, message: str, job_of: Callable[[dict[str, Any]], str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in log.read_text(errors="replace").splitlines():
-        if '"job claimed"' not in line:
+        if f'"msg": "{message}"' not in line:
             continue
         with contextlib.suppress(ValueError, KeyError):
             doc = json.loads(line)
             at = datetime.fromisoformat(doc["time"].replace("Z", "+00:00")).timestamp()
-            out.setdefault(str(doc["job_id"]), at)
+            out.setdefault(job_of(doc), at)
     return out
 
 
@@ -200,6 +210,14 @@ def run(smoke: bool) -> list[Result]:
                 created = _measure(bridge, url, stamp, push_n, 1.0)
                 push = _latencies(created, _stamps(stamp))
                 push_claim = _latencies(created, _claimed(tmp / "push" / "worker.log"))
+                # What a fetch started at the webhook could hide behind: the claim's round
+                # trip through the host (ack → `job claimed`).
+                received = _received(tmp / "push" / "worker.log")
+                claim_trip = [
+                    at - received[job]
+                    for job, at in _claimed(tmp / "push" / "worker.log").items()
+                    if job in received and job in created
+                ]
             # poll
             (tmp / "poll").mkdir()
             stamp = tmp / "poll" / "stamps.txt"
@@ -226,6 +244,7 @@ def run(smoke: bool) -> list[Result]:
     res.add("poll_median_ms", median(poll) * 1000)
     res.add("poll_max_ms", max(poll) * 1000)
     res.add("push_median_to_claim_ms", median(push_claim) * 1000)
+    res.add("push_median_webhook_to_claim_ms", median(claim_trip) * 1000)
     res.add("poll_median_to_claim_ms", median(poll_claim) * 1000)
     res.add("ratio_to_claim_poll_over_push", median(poll_claim) / median(push_claim))
     ratio = median(poll) / median(push)

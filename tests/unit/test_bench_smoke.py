@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.__main__ import BENCHMARKS
 from bench.common import percentile
-from bench.dispatch import _stamps
+from bench.dispatch import _claimed, _received, _stamps
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,16 @@ def test_stamps_name_the_job_from_its_workspace(tmp_path: Path) -> None:
     stamp = tmp_path / "stamps.txt"
     stamp.write_text("100.5 /w/j57abc-1-0a1b2c3d/out\n101.0 /w/j57abc-1-0a1b2c3d/out\n")
     assert _stamps(stamp) == {"j57abc": 100.5}
+
+
+def test_webhook_and_claim_lines_name_their_job(tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    log.write_text(
+        '{"time": "2026-11-29T01:48:16.573Z", "msg": "webhook", "webhook_id": "j3:1"}\n'
+        "not json\n"
+        '{"time": "2026-11-29T01:48:16.590Z", "msg": "job claimed", "job_id": "j3"}\n'
+    )
+    assert round(_claimed(log)["j3"] - _received(log)["j3"], 3) == 0.017
 
 
 def test_paced_cli_prints_its_lines_and_stamps(tmp_path: Path) -> None:
