@@ -125,22 +125,20 @@ def work_tree(mirror: Path, commit: str, dest: Path, limits: git.Limits) -> str:
     return head
 
 
-def make_ready(mirror: Path, commit: str, dest: Path, limits: git.Limits) -> str:
-    """Make `dest` a ready tree: a work tree of `commit` (`work_tree`), its index trusted and
-    its commit pinned; return the commit."""
-    commit = work_tree(mirror, commit, dest, limits)
+def make_ready(tree: Path, commit: str, limits: git.Limits) -> None:
+    """Make a work tree of `commit` (from `work_tree`) a ready tree: its index trusted, its
+    commit pinned. Reads nothing of the mirror: run it without the mirror's lock."""
     # The checkout wrote the files and the index within one second, and git compares whole
     # seconds (built without USE_NSEC, as Debian's is): it cannot trust the index's stat data
     # ("racily clean"), and the taking job's checkout would re-read and hash every file
     # (bench: 25-40 ms of a 2.7 MB tree's; ~5 ms once trusted). Refreshed in the next second,
     # the index is trusted.
     time.sleep(1.0 - time.time() % 1.0 + _RACY_MARGIN_S)
-    run(["update-index", "-q", "--refresh"], None, dest, limits)
+    run(["update-index", "-q", "--refresh"], None, tree, limits)
     # Pinned, so that the taking job's fetch sends it as a "have".
-    pin = dest / ".git" / READY_PIN
+    pin = tree / ".git" / READY_PIN
     pin.parent.mkdir(parents=True, exist_ok=True)
     pin.write_text(f"{commit}\n", encoding="ascii")
-    return commit
 
 
 def move_ready(

@@ -114,7 +114,7 @@ class RepoCache:
     # took 330 ms direct against 500 ms through an up-to-date mirror; a 2.7 MB work tree
     # 1220 ms against 530 ms; on a real network the crossover is lower still).
     min_clone_bytes: int = 1024**2
-    # The background fill waits this long (and runs niced): see `_warm_later`.
+    # The background fill waits this long (and runs niced): see `_in_background`.
     fill_delay_s: float = 2.0
     # Background work (mirrors filled, ready trees made); `settle` waits for it.
     _warming: set[threading.Thread] = field(
@@ -288,7 +288,7 @@ class RepoCache:
                     self._busy.discard(key)
                 self._warming.discard(thread)
 
-        # A daemon thread: at exit, a half-filled mirror is dropped by the next `_update`,
+        # A daemon thread: at exit, a half-filled mirror is dropped by the next `update_mirror`,
         # a half-made ready tree by `sweep`.
         thread = threading.Thread(target=work, name="repo-cache-fill", daemon=True)
         self._warming.add(thread)
@@ -321,7 +321,9 @@ class RepoCache:
                     if not mirror.is_dir():
                         return  # evicted meanwhile: the cache has no room for it
                     building.parent.mkdir(parents=True, exist_ok=True)
-                    commit = cache_git.make_ready(mirror, commit, building, later.limits(building))
+                    commit = cache_git.work_tree(mirror, commit, building, later.limits(building))
+                # Up to a second: not under the lock, which a job's fetch may be waiting for.
+                cache_git.make_ready(building, commit, later.limits(building))
                 with contextlib.suppress(OSError):  # a ready tree exists already: keep it
                     os.rename(building, ready)
                     made = True
@@ -386,8 +388,15 @@ class RepoCache:
 
     def evict(self) -> list[Path]:
         """Drop least recently used repositories (mirror and ready tree) that no job holds
-        until the cache fits."""
+        until the cache fits, and ready trees whose mirror was evicted while they were made."""
         mirrors = self.root / "mirrors"
+        with contextlib.suppress(OSError):
+            for ready in (self.root / "ready").glob("[!.]*"):
+                if not (mirrors / f"{ready.name}.git").exists():
+                    orphan = ready.with_name(f".trash-{secrets.token_hex(4)}")
+                    with contextlib.suppress(OSError):  # unless a job took it just now
+                        ready.rename(orphan)
+                        git.remove_tree(orphan)
         entries: list[tuple[float, int, Path]] = []
         with contextlib.suppress(OSError):
             for path in mirrors.glob("*.git"):

@@ -289,6 +289,18 @@ async def test_a_damaged_ready_tree_falls_back_to_the_mirror(
     assert (tmp_path / "b" / "src" / "a.py").read_text() == "a = 1\n"
 
 
+def test_a_ready_tree_whose_mirror_is_gone_is_evicted(tmp_path: Path) -> None:
+    """A mirror evicted while its ready tree was being made leaves that tree behind: no job
+    would take it (a repository without a mirror is cloned directly), so eviction drops it."""
+    cache = RepoCache(tmp_path / "cache", LIMIT)
+    kept, orphan = "a" * 32, "b" * 32
+    (cache.root / "mirrors" / f"{kept}.git").mkdir(parents=True)
+    for key in (kept, orphan):
+        (cache.root / "ready" / key / ".git").mkdir(parents=True)
+    cache.evict()
+    assert [p.name for p in (cache.root / "ready").iterdir()] == [kept]
+
+
 def test_a_stopped_workers_half_made_trees_are_swept_at_start(tmp_path: Path) -> None:
     settings = load_settings({"DATA_DIR": str(tmp_path), "CLI_USER": "nobody"})
     ready = settings.repo_cache_dir / "ready"
