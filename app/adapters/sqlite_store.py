@@ -259,7 +259,10 @@ class ChangeFeed:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.add(fut)
         try:
-            await asyncio.wait_for(fut, timeout_s)
+            # Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives
+            # as the change completes the wait, and the caller's loop never ends.
+            async with asyncio.timeout(timeout_s):
+                await fut
         except TimeoutError:
             pass
         finally:

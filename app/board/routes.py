@@ -427,7 +427,10 @@ async def _events(request: Request, board: Board, session: Session) -> Response:
             yield b"retry: 1000\n\n"
             while True:
                 try:
-                    payload = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
+                    # Not `asyncio.wait_for`, which on Python 3.11 can swallow the cancel of
+                    # a closed stream (and lose an update) when both come at once.
+                    async with asyncio.timeout(SSE_KEEPALIVE_S):
+                        payload = await queue.get()
                 except TimeoutError:
                     yield b": keepalive\n\n"
                     continue
