@@ -38,6 +38,21 @@ def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitHttpServ
         yield server
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test() -> Iterator[None]:
+    """A test that fails half-way must not leave its `run-one` running into the next tests
+    (seen: a leftover process failed two later tests that count processes)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
 def _run(tmp: Path, extra: dict[str, str]) -> subprocess.Popen[bytes]:
     env = {**base_env(tmp), **extra}
     log = (tmp / "run.log").open("ab")
@@ -49,16 +64,21 @@ def _run(tmp: Path, extra: dict[str, str]) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
     )
     log.close()
+    _STARTED.append(proc)
     return proc
 
 
 def _status(tmp: Path, job_id: str) -> tuple[str, int]:
-    """(status, docs); a failed job's status reads `failed:<code>`."""
+    """(status, docs); a failed job's status reads `failed:<code>`; ("", 0) before the job's
+    row is written (the file exists a moment earlier: waiting on it raised TypeError)."""
     db = sqlite3.connect(tmp / "data" / "jobs.sqlite3", timeout=5)
     try:
-        status, code = db.execute(
+        row = db.execute(
             "SELECT status, error_code FROM jobs WHERE job_id = ?", (job_id,)
         ).fetchone()
+        if row is None:
+            return "", 0
+        status, code = row
         (docs,) = db.execute("SELECT count(*) FROM docs WHERE job_id = ?", (job_id,)).fetchone()
     finally:
         db.close()
