@@ -148,9 +148,10 @@ class RepoCache:
         return self.root / "ready" / cache_key(url)
 
     def sweep(self) -> None:
-        """Remove what a worker stopped half-way left: ready trees being made or taken."""
+        """Remove what a worker stopped half-way left: ready trees being made or taken, trees
+        being discarded."""
         with contextlib.suppress(OSError):
-            for path in (self.root / "ready").glob(".*"):
+            for path in (*(self.root / "ready").glob(".*"), *(self.root / "mirrors").glob(".*")):
                 git.remove_tree(path)
 
     # -- one clone (runs in git.py's clone thread) -------------------------------------
@@ -215,7 +216,7 @@ class RepoCache:
                     extra={"duration_s": round(duration_s, 3)},
                 )
                 return git.CloneResult(
-                    commit=commit, bytes_on_disk=git.dir_size(dest), duration_s=duration_s
+                    commit=commit, bytes_on_disk=git.disk_usage(dest)[0], duration_s=duration_s
                 )
         try:
             with self._locked(key, fcntl.LOCK_EX, limits):
@@ -231,8 +232,7 @@ class RepoCache:
                 "repository cache dropped a mirror",
                 extra={"error": git.scrub(str(broken), limits.secrets)[:300]},
             )
-            with self._locked(key, fcntl.LOCK_EX, limits):
-                git.remove_tree(mirror)
+            self._drop(key, mirror, limits)
             git.remove_tree(dest)
             remaining_s = max(0.1, limits.deadline - time.monotonic())
             return git.clone_sync(
@@ -251,7 +251,9 @@ class RepoCache:
             },
         )
         return git.CloneResult(
-            commit=commit, bytes_on_disk=git.dir_size(dest), duration_s=time.monotonic() - started
+            commit=commit,
+            bytes_on_disk=git.disk_usage(dest)[0],
+            duration_s=time.monotonic() - started,
         )
 
     def _in_background(self, key: str, later: _Later, commit: str | None) -> None:
@@ -279,7 +281,8 @@ class RepoCache:
                     "repository cache dropped a mirror",
                     extra={"error": git.scrub(str(broken), git.secret_values(later.token))[:300]},
                 )
-                self._drop(key, later)
+                with contextlib.suppress(git.CloneFailed, OSError):
+                    self._drop(key, self.mirror_path(later.url), later.limits(self.root))
             except git.CloneFailed as exc:
                 # The job already has its work tree; the next one will try again.
                 log.info("repository cache not filled", extra={"error": exc.message[:300]})
@@ -294,13 +297,11 @@ class RepoCache:
         self._warming.add(thread)
         thread.start()
 
-    def _drop(self, key: str, later: _Later) -> None:
-        mirror = self.mirror_path(later.url)
-        with (
-            contextlib.suppress(git.CloneFailed, OSError),
-            self._locked(key, fcntl.LOCK_EX, later.limits(mirror)),
-        ):
-            git.remove_tree(mirror)
+    def _drop(self, key: str, mirror: Path, limits: git.Limits) -> None:
+        """Drop a broken mirror, once no job copies from it (raises `git.CloneFailed` when
+        `limits` end the wait)."""
+        with self._locked(key, fcntl.LOCK_EX, limits):
+            _discard(mirror)
 
     def _refill(self, key: str, later: _Later, commit: str | None) -> None:
         started = time.monotonic()
@@ -393,10 +394,7 @@ class RepoCache:
         with contextlib.suppress(OSError):
             for ready in (self.root / "ready").glob("[!.]*"):
                 if not (mirrors / f"{ready.name}.git").exists():
-                    orphan = ready.with_name(f".trash-{secrets.token_hex(4)}")
-                    with contextlib.suppress(OSError):  # unless a job took it just now
-                        ready.rename(orphan)
-                        git.remove_tree(orphan)
+                    _discard(ready)  # unless a job took it just now
         entries: list[tuple[float, int, Path]] = []
         with contextlib.suppress(OSError):
             for path in mirrors.glob("*.git"):
@@ -423,22 +421,25 @@ class RepoCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return False  # a job is fetching or copying from it
-            # Renamed first, so a crash half-way leaves no half mirror under a live key.
-            trash = mirror.with_name(f".trash-{secrets.token_hex(4)}")
-            try:
-                mirror.rename(trash)
-            except OSError:
+            if not _discard(mirror):
                 return False
-            git.remove_tree(trash)
             # Its ready tree too, unless a job took it a moment ago (then it is the job's).
-            ready = self.root / "ready" / mirror.name.removesuffix(".git")
-            ready_trash = ready.with_name(f".trash-{secrets.token_hex(4)}")
-            with contextlib.suppress(OSError):
-                ready.rename(ready_trash)
-                git.remove_tree(ready_trash)
+            _discard(self.root / "ready" / mirror.name.removesuffix(".git"))
             return True
         finally:
             os.close(fd)
+
+
+def _discard(path: Path) -> bool:
+    """Remove a mirror or a tree: renamed first (False if it is gone), so that a crash half-way
+    leaves nothing half-removed under a live name."""
+    trash = path.with_name(f".trash-{secrets.token_hex(4)}")
+    try:
+        path.rename(trash)
+    except OSError:
+        return False
+    git.remove_tree(trash)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
